@@ -1,0 +1,100 @@
+"""The ``medseg`` command line: a thin typed shell over the Python API.
+
+Each verb parses its options, calls one API function and prints the result. Imports happen
+inside the verbs so ``medseg --help`` and ``medseg check`` start fast and never load torch.
+
+User errors (:class:`~medseg.errors.MedsegUserError`: a bad file, manifest or option) print one
+line ``medseg: error: ...`` and exit with status 2; ``--debug`` shows the traceback too. Any other
+exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+__all__ = ["app", "main"]
+
+EXIT_USER_ERROR = 2
+EXIT_PROBLEMS_FOUND = 1
+
+app = typer.Typer(
+    name="medseg",
+    help="Medical image segmentation: plan, train, predict, evaluate.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors too."),
+) -> None:
+    """medseg: 2D/3D U-Nets on MONAI, exact evaluation in millimetres."""
+
+
+@app.command()
+def info() -> None:
+    """Versions of medseg and its libraries, the compute device, and optional extras."""
+    from medseg.environment import environment_report
+
+    for key, value in environment_report().items():
+        typer.echo(f"{key:<18} {value}")
+
+
+@app.command()
+def check(
+    manifest: Path = typer.Argument(..., help="Manifest JSON (data_manifests/*.json or a dataset.json)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the manifest's paths are relative to."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    tolerance_mm: float = typer.Option(1e-3, "--tolerance-mm", min=0.0, help="Allowed spacing/origin difference (mm)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Parallel readers."),
+) -> None:
+    """Validate every case of a manifest; exit 0 only when all is well."""
+    from medseg.check import check_manifest
+    from medseg.manifest import load_manifest
+
+    loaded = load_manifest(manifest, data_root=data_root)
+    report = check_manifest(
+        loaded, tolerance_mm=tolerance_mm, workers=workers, progress=not as_json and sys.stderr.isatty()
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            typer.echo(str(problem))
+        typer.echo(report.summary_line())
+    if not report.ok:
+        raise typer.Exit(EXIT_PROBLEMS_FOUND)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``medseg`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="medseg")  # standalone mode: always ends in SystemExit
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except Exception as error:  # noqa: BLE001 - the boundary between user errors and bugs
+        from medseg.errors import MedsegUserError
+
+        if not isinstance(error, MedsegUserError):
+            raise
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"medseg: error: {error}", err=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
