@@ -383,6 +383,8 @@ def write_volume(
         raise InvalidFileError(
             f"{path}: cannot write this file type (use .nii.gz, .nii, .nrrd, .mha, .mhd, .png, .tif)"
         )
+    if suffix == ".gif":
+        raise InvalidFileError(f"{path}: GIF stores palette indices, not values; write .png instead")
     if suffix == ".mhd":
         raise InvalidFileError(f"{path}: .mhd writes two files and cannot be atomic; use .mha")
     try:

@@ -1,0 +1,237 @@
+"""Round trips per format, LPS/RAS correctness against nibabel, label casting, atomic writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medseg.errors import InvalidFileError, LabelValueError
+from medseg.io import as_label_array, read_channels, read_volume, strip_volume_suffix, to_sitk, write_volume
+from medseg.volume import Volume
+
+from conftest import oblique_affine
+
+RNG = np.random.default_rng(0)
+
+
+def _image(shape=(7, 9, 5), affine=None) -> Volume:
+    array = RNG.normal(size=(1, *shape)).astype(np.float32)
+    return Volume(array, oblique_affine() if affine is None else affine, kind="image")
+
+
+def _label(shape=(7, 9, 5), affine=None) -> Volume:
+    array = RNG.integers(0, 4, size=(1, *shape)).astype(np.uint8)
+    return Volume(array, oblique_affine() if affine is None else affine, kind="label")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("kind", ["image", "label"])
+def test_round_trip_oblique_anisotropic(tmp_path: Path, suffix: str, kind: str) -> None:
+    volume = _image() if kind == "image" else _label()
+    path = write_volume(volume, tmp_path / f"case{suffix}")
+    back = read_volume(path, kind=kind)
+    np.testing.assert_allclose(back.affine, volume.affine, atol=1e-6)
+    assert back.spatial_shape == volume.spatial_shape
+    np.testing.assert_array_equal(back.array, volume.array)
+    if kind == "label":
+        assert np.issubdtype(back.array.dtype, np.integer)
+    # and a second round trip is exact
+    again = read_volume(write_volume(back, tmp_path / f"again{suffix}"), kind=kind)
+    np.testing.assert_allclose(again.affine, back.affine, atol=1e-9)
+
+
+def test_multichannel_round_trip(tmp_path: Path) -> None:
+    volume = Volume(RNG.normal(size=(2, 5, 6, 4)).astype(np.float32), oblique_affine())
+    for suffix in (".nii.gz", ".mha"):
+        back = read_volume(write_volume(volume, tmp_path / f"multi{suffix}"))
+        assert back.num_channels == 2
+        np.testing.assert_allclose(back.array, volume.array)
+        np.testing.assert_allclose(back.affine, volume.affine, atol=1e-6)
+
+
+def test_lps_ras_against_nibabel(tmp_path: Path) -> None:
+    """A NIfTI written by nibabel read by SimpleITK (LPS) must give nibabel's RAS affine."""
+    affine = oblique_affine()
+    data = np.arange(7 * 9 * 5, dtype=np.int16).reshape(7, 9, 5)
+    path = tmp_path / "nib.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    # medseg's NIfTI path (nibabel) and its ITK path (SimpleITK + LPS->RAS) must agree
+    via_nibabel = read_volume(path)
+    itk_image = sitk.ReadImage(str(path))
+    sitk.WriteImage(itk_image, str(tmp_path / "same.mha"))
+    via_itk = read_volume(tmp_path / "same.mha")
+    np.testing.assert_allclose(via_itk.affine, nib.load(str(path)).affine, atol=1e-5)
+    np.testing.assert_array_equal(via_itk.array, via_nibabel.array)
+    # a physical point: voxel (1, 2, 3) in RAS from nibabel == ITK's LPS point with x, y negated
+    lps = np.array(itk_image.TransformIndexToPhysicalPoint((1, 2, 3)))
+    ras = affine @ np.array([1, 2, 3, 1.0])
+    np.testing.assert_allclose(lps * [-1, -1, 1], ras[:3], atol=1e-4)
+
+
+def test_to_sitk_orientation_matches_physical_points(oblique: np.ndarray) -> None:
+    volume = _image(affine=oblique)
+    image = to_sitk(volume)
+    for index in [(0, 0, 0), (6, 8, 4), (3, 1, 2)]:
+        lps = np.array(image.TransformIndexToPhysicalPoint(index))
+        ras = oblique @ np.array([*index, 1.0])
+        np.testing.assert_allclose(lps * [-1, -1, 1], ras[:3], atol=1e-6)
+        # array order: ITK's (z, y, x) array vs medseg's (x, y, z)
+        assert sitk.GetArrayFromImage(image)[index[::-1]] == pytest.approx(volume.array[(0, *index)])
+
+
+def test_nifti_keeps_qform_sform_codes(tmp_path: Path) -> None:
+    data = np.zeros((4, 5, 6), np.uint8)
+    image = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=4)
+    nib.save(image, str(tmp_path / "src.nii.gz"))
+    volume = read_volume(tmp_path / "src.nii.gz", kind="label")
+    write_volume(volume, tmp_path / "out.nii.gz")
+    header = nib.load(str(tmp_path / "out.nii.gz")).header
+    assert int(header["qform_code"]) == 1
+    assert int(header["sform_code"]) == 4
+
+
+def test_float_labels_cast_and_non_integral_rejected(tmp_path: Path) -> None:
+    data = np.zeros((4, 4, 4), np.float32)
+    data[1, 1, 1] = 2.0
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "float.nii.gz"))
+    label = read_volume(tmp_path / "float.nii.gz", kind="label")
+    assert label.array.dtype == np.uint8 and label.array.max() == 2
+    data[2, 2, 2] = 1.5
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "bad.nii.gz"))
+    with pytest.raises(LabelValueError, match=r"bad\.nii\.gz.*non-integral.*1\.5"):
+        read_volume(tmp_path / "bad.nii.gz", kind="label")
+
+
+def test_label_dtype_widening() -> None:
+    assert as_label_array(np.array([0, 300])).dtype == np.int16
+    assert as_label_array(np.array([-1.0, 2.0])).dtype == np.int16
+    assert as_label_array(np.array([True, False])).dtype == np.uint8
+
+
+def test_2d_png_tif_gif_round_trip(tmp_path: Path) -> None:
+    from PIL import Image
+
+    pixels = np.zeros((6, 10), np.uint8)  # rows x cols
+    pixels[2, 7] = 255
+    Image.fromarray(pixels).save(tmp_path / "mask.png")
+    label = read_volume(tmp_path / "mask.png", kind="label")
+    assert label.spatial_shape == (10, 6)  # (x = columns, y = rows)
+    assert label.array[0, 7, 2] == 255 and label.array.sum() == 255
+    assert label.meta["spacing_known"] is False
+    for suffix in (".png", ".tif"):
+        back = read_volume(write_volume(label, tmp_path / f"out{suffix}"), kind="label")
+        np.testing.assert_array_equal(back.array, label.array)
+    rgb = np.stack([pixels, pixels // 2, pixels // 3], axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "rgb.tif")
+    image = read_volume(tmp_path / "rgb.tif")
+    assert image.num_channels == 3 and image.array[1, 7, 2] == 127
+
+
+def test_palette_gif_label_keeps_indices(tmp_path: Path) -> None:
+    """DRIVE's 2nd observer stores labels as palette indices 0/1 whose colours are 3/253."""
+    from PIL import Image
+
+    indices = np.zeros((5, 5), np.uint8)
+    indices[1:3, 1:3] = 1
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([3, 3, 3, 253, 253, 253] + [0] * 762)
+    image.save(tmp_path / "pal.gif")
+    label = read_volume(tmp_path / "pal.gif", kind="label")
+    assert set(np.unique(label.array)) == {0, 1}
+    with pytest.raises(InvalidFileError, match="GIF"):
+        write_volume(label, tmp_path / "out.gif")
+
+
+def test_dicom_series_folder(tmp_path: Path, oblique: np.ndarray) -> None:
+    """Write a DICOM series with SimpleITK, read the folder, compare geometry with the source."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([0.8, 0.8, 2.5])
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    volume = Volume(RNG.integers(0, 1000, size=(1, 8, 6, 4)).astype(np.float32), affine)
+    image = sitk.Cast(to_sitk(volume), sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.42"
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0020|000e": series_uid,
+            "0020|0032": "\\".join(str(v) for v in position),
+            "0020|0013": str(k),
+            "0008|0060": "CT",
+            "0018|0050": "2.5",
+        }
+        # ImageOrientationPatient: row direction (x axis) then column direction (y axis)
+        tags["0020|0037"] = "\\".join(
+            str(v) for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+        )
+        for tag, value in tags.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_image)
+    back = read_volume(folder)
+    assert back.meta["format"] == "dicom"
+    assert back.spatial_shape == volume.spatial_shape
+    np.testing.assert_allclose(back.affine, volume.affine, atol=1e-3)
+    np.testing.assert_array_equal(back.array, volume.array)
+
+
+def test_read_channels_geometry_mismatch(tmp_path: Path) -> None:
+    from medseg.errors import GeometryMismatchError
+
+    write_volume(_image(), tmp_path / "a.nii.gz")
+    write_volume(_image(affine=np.diag([1.0, 1.0, 1.0, 1.0])), tmp_path / "b.nii.gz")
+    with pytest.raises(GeometryMismatchError, match=r"b\.nii\.gz.*a\.nii\.gz.*spacing_mm"):
+        read_channels([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"])
+
+
+def test_corrupt_missing_and_unknown_files(tmp_path: Path) -> None:
+    path = write_volume(_image(), tmp_path / "good.nii.gz")
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(InvalidFileError, match=r"truncated\.nii\.gz: cannot read"):
+        read_volume(truncated)
+    garbage = tmp_path / "garbage.mha"
+    garbage.write_bytes(b"not an image at all")
+    with pytest.raises(InvalidFileError, match=r"garbage\.mha: cannot read"):
+        read_volume(garbage)
+    with pytest.raises(InvalidFileError, match=r"missing\.nii\.gz: file not found"):
+        read_volume(tmp_path / "missing.nii.gz")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InvalidFileError, match="unsupported file type"):
+        read_volume(tmp_path / "notes.txt")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(InvalidFileError, match="no DICOM series"):
+        read_volume(empty_dir)
+
+
+def test_write_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = write_volume(_label(), tmp_path / "out.nii.gz")
+    before = target.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", disk_full)
+    with pytest.raises(InvalidFileError, match=r"out\.nii\.gz: cannot write \(No space left on device\)"):
+        write_volume(_label(), target)
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["out.nii.gz"]  # no temporary file left behind
+
+
+def test_strip_volume_suffix() -> None:
+    assert strip_volume_suffix("a/b/case_01.nii.gz") == "case_01"
+    assert strip_volume_suffix("x.mha") == "x"
+    assert strip_volume_suffix("21_training.tif") == "21_training"
