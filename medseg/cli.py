@@ -75,6 +75,49 @@ def check(
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 
 
+@app.command()
+def evaluate(
+    reference: Path = typer.Option(..., "--reference", help="Folder of reference labels, or a manifest."),
+    prediction: Path = typer.Option(..., "--prediction", help="Folder of predicted labels named <case_id>.<ext>."),
+    out: Path = typer.Option(..., "--out", help="Output folder (tables, summary.json, report.html)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Manifest whose label map to use (default: the reference manifest's)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data root of a reference manifest."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes scoring cases in parallel."),
+    probabilities: Optional[Path] = typer.Option(None, "--probabilities", help="Folder of probability maps (scores lesions for AP)."),
+    resample_prediction: bool = typer.Option(False, "--resample-prediction", help="Resample predictions onto the reference grid (nearest) instead of reporting a mismatch."),
+    things: Optional[List[str]] = typer.Option(None, "--thing", help="Score this structure as instances (repeatable; default: the manifest's things)."),
+    match: str = typer.Option("iou", "--match", help="Lesion matching: 'iou' (IoU > 0.5) or 'overlap'."),
+    nsd_tolerance_mm: Optional[float] = typer.Option(None, "--nsd-tolerance-mm", min=0.0, help="NSD tolerance for every structure (default: the manifest's, else 1 mm)."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="Only cases of this manifest list (e.g. test_labelled)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
+) -> None:
+    """Evaluate predictions against references: per_case.csv, summary.json, report.html."""
+    from medseg.evaluate import evaluate as run_evaluation
+    from medseg.report import summarize, write_outputs
+
+    evaluation = run_evaluation(
+        reference, prediction, labels=labels, data_root=data_root, probabilities=probabilities,
+        things=things or None, nsd_tolerance_mm=nsd_tolerance_mm, match=match,  # type: ignore[arg-type]
+        resample_prediction=resample_prediction, subset=subset, workers=workers, out=out,
+        progress=sys.stderr.isatty(),
+    )
+    written = write_outputs(evaluation, out, report=not no_report)
+    summary = summarize(evaluation.per_case, metrics=("dice", "hd95_mm", "nsd"))
+    if not summary.empty:
+        table = summary["mean"].unstack("metric")
+        table["n_scored"] = summary["n_scored"].xs("dice", level="metric")
+        typer.echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    for row in evaluation.failed.itertuples():
+        typer.echo(f"failed: {row.case_id}: {row.message}", err=True)
+    counts = evaluation.cases["status"].value_counts().to_dict()
+    typer.echo(
+        f"evaluated {len(evaluation.cases)} cases ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+        f"dataset mIoU {evaluation.dataset_miou:.4f}; wrote {', '.join(p.name for p in written.values())} to {out}"
+    )
+    if len(evaluation.failed):
+        raise typer.Exit(EXIT_PROBLEMS_FOUND)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``medseg`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,369 @@
+"""Summaries and reports of an :class:`~medseg.evaluate.Evaluation`.
+
+* :func:`summarize`: per structure and metric: ``n`` (rows), ``n_scored`` (non-NaN values),
+  ``mean``, ``sd`` (ddof=1), ``median``, ``q25``, ``q75``, a 95 % percentile-bootstrap CI of the
+  mean (2000 resamples, fixed seed) and the status counts. NaN values are excluded; with
+  ``empty="worst"`` they are scored instead the MetricsReloaded way: Dice/IoU/NSD 0 and
+  distances = the image diagonal (mm) for ``ref_empty``, ``pred_empty`` and
+  ``missing_prediction`` (``both_empty`` stays excluded: there was nothing to find).
+* :func:`write_outputs`: ``per_case.csv``, ``cases.csv``, ``lesions.csv`` / ``lesion_summary.csv``
+  (thing structures), ``per_rater.csv`` / ``inter_rater.csv`` (several raters), ``summary.json``
+  and a self-contained ``report.html`` (plots and overlays embedded), every file atomic.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medseg.io import atomic_path
+
+if TYPE_CHECKING:
+    from medseg.evaluate import Evaluation
+
+__all__ = ["summarize", "summary_json", "write_outputs", "write_report", "DEFAULT_SUMMARY_METRICS"]
+
+DEFAULT_SUMMARY_METRICS = ("dice", "iou", "precision", "recall", "hd_mm", "hd95_mm", "assd_mm", "nsd", "volume_diff_ml")
+_DISTANCES = ("hd_mm", "hd95_mm", "assd_mm")
+_STATUSES = ("ok", "both_empty", "ref_empty", "pred_empty", "missing_prediction", "error")
+_BOOTSTRAP = 2000
+
+
+def _worst_case(per_case: pd.DataFrame) -> pd.DataFrame:
+    table = per_case.copy()
+    scored_as_failure = table["status"].isin(["ref_empty", "pred_empty", "missing_prediction"])
+    for metric in ("dice", "iou", "nsd"):
+        table.loc[scored_as_failure, metric] = 0.0
+    for metric in _DISTANCES:
+        table.loc[scored_as_failure, metric] = table.loc[scored_as_failure, "image_diagonal_mm"]
+    return table
+
+
+def _bootstrap_ci(values: np.ndarray, *, seed: int) -> tuple[float, float]:
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(_BOOTSTRAP, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarize(
+    per_case: pd.DataFrame | "Evaluation",
+    *,
+    metrics: Sequence[str] = DEFAULT_SUMMARY_METRICS,
+    empty: Literal["exclude", "worst"] = "exclude",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Summary statistics per structure and metric (see the module docstring).
+
+    Args:
+        per_case: the ``per_case`` table (or an Evaluation).
+        metrics: the metric columns to summarise.
+        empty: ``"exclude"`` NaN values (default) or score empty cases as the ``"worst"`` case.
+        seed: bootstrap seed.
+
+    Returns:
+        DataFrame indexed by (structure, metric).
+    """
+    table = per_case if isinstance(per_case, pd.DataFrame) else per_case.per_case
+    if empty not in ("exclude", "worst"):
+        raise ValueError(f"empty must be 'exclude' or 'worst', got {empty!r}")
+    if empty == "worst":
+        table = _worst_case(table)
+    records = []
+    for structure, group in table.groupby("structure", sort=False):
+        counts = group["status"].value_counts()
+        for metric in metrics:
+            values = group[metric].to_numpy(dtype=float)
+            values = values[~np.isnan(values)]
+            low, high = _bootstrap_ci(values, seed=seed)
+            records.append({
+                "structure": structure,
+                "metric": metric,
+                "n": int(len(group)),
+                "n_scored": int(len(values)),
+                "mean": float(values.mean()) if len(values) else float("nan"),
+                "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                "median": float(np.median(values)) if len(values) else float("nan"),
+                "q25": float(np.percentile(values, 25)) if len(values) else float("nan"),
+                "q75": float(np.percentile(values, 75)) if len(values) else float("nan"),
+                "ci95_low": low,
+                "ci95_high": high,
+                **{f"n_{s}": int(counts.get(s, 0)) for s in _STATUSES},
+            })
+    return pd.DataFrame(records).set_index(["structure", "metric"]) if records else pd.DataFrame()
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, np.generic):
+        return _nan_to_none(value.item())
+    return value
+
+
+def _lesion_totals(lesion_summary: pd.DataFrame) -> dict[str, Any]:
+    totals: dict[str, Any] = {}
+    if lesion_summary.empty:
+        return totals
+    for structure, group in lesion_summary.groupby("structure", sort=False):
+        tp, fp, fn = (int(group[k].sum()) for k in ("tp", "fp", "fn"))
+        entry: dict[str, Any] = {
+            "cases": int(len(group)),
+            "tp": tp, "fp": fp, "fn": fn,
+            "lesion_precision_pooled": tp / (tp + fp) if tp + fp else float("nan"),
+            "lesion_recall_pooled": tp / (tp + fn) if tp + fn else float("nan"),
+            "lesion_f1_pooled": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+        }
+        for key in ("lesion_f1", "lesion_dice", "pq", "sq", "rq", "ap50", "ap75"):
+            if key in group:
+                values = group[key].to_numpy(dtype=float)
+                values = values[~np.isnan(values)]
+                entry[f"{key}_mean"] = float(values.mean()) if len(values) else float("nan")
+        totals[str(structure)] = entry
+    return totals
+
+
+def summary_json(evaluation: "Evaluation") -> dict[str, Any]:
+    """The content of ``summary.json``: summaries, mIoU, lesion totals, definitions, version."""
+    from medseg import __version__
+
+    summary = summarize(evaluation.per_case)
+    structures: dict[str, Any] = {}
+    for (structure, metric), row in summary.iterrows():
+        entry = structures.setdefault(str(structure), {"status_counts": {s: int(row[f"n_{s}"]) for s in _STATUSES}})
+        entry[metric] = {"n": int(row["n"]), "n_scored": int(row["n_scored"]),
+                         **{k: float(row[k]) for k in ("mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high")}}
+    spacing_known = bool(evaluation.per_case["spacing_known"].fillna(True).all()) if len(evaluation.per_case) else True
+    case_miou = evaluation.cases["miou"].to_numpy(dtype=float)
+    case_miou = case_miou[~np.isnan(case_miou)]
+    content = {
+        "medseg_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "num_cases": int(len(evaluation.cases)),
+        "case_status_counts": {str(k): int(v) for k, v in evaluation.cases["status"].value_counts().items()},
+        "failed_cases": evaluation.failed[["case_id", "message"]].to_dict("records"),
+        "structures": structures,
+        "miou": {
+            "dataset_level": evaluation.dataset_miou,
+            "dataset_level_definition": "mean over foreground classes of TP/(TP+FP+FN) from the confusion matrix summed over all scored cases (semantic-segmentation benchmark convention); classes absent from every reference and prediction are excluded",
+            "mean_of_case_miou": float(case_miou.mean()) if len(case_miou) else float("nan"),
+            "case_miou_definition": "per case, mean IoU over single-label structures present in the reference or the prediction",
+        },
+        "lesions": _lesion_totals(evaluation.lesion_summary),
+        "settings": evaluation.settings.to_json(),
+        "units": "mm" if spacing_known else "pixels (the files carry no physical spacing; distances are in pixel units)",
+        "definitions": {
+            "dice": "2|R∩P| / (|R|+|P|)",
+            "iou": "|R∩P| / |R∪P|",
+            "precision": "|R∩P| / |P|",
+            "recall": "|R∩P| / |R|",
+            "hd_mm": "max(max d(R->P), max d(P->R)) over boundary voxels, reference spacing",
+            "hd95_mm": "max(P95 d(R->P), P95 d(P->R)) (MONAI's definition)",
+            "assd_mm": "mean of d(R->P) ∪ d(P->R)",
+            "nsd": "surface Dice at tolerance nsd_tolerance_mm (Nikolov et al.; DeepMind surface-distance)",
+            "status": "ok | both_empty (NaN) | ref_empty (dice 0, distances NaN) | pred_empty (dice 0, distances NaN) | missing_prediction (NaN) | error (NaN, message)",
+            "summaries": "NaN excluded; n_scored counts values used; 95% CI = percentile bootstrap of the mean, 2000 resamples, seed 0",
+        },
+    }
+    return _nan_to_none(content)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def write_outputs(evaluation: "Evaluation", out: str | Path, *, report: bool = True) -> dict[str, Path]:
+    """Write every table, ``summary.json`` and (optionally) ``report.html`` into ``out``, atomically.
+
+    Returns:
+        Mapping of output name -> path written.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    tables = {
+        "per_case": evaluation.per_case,
+        "cases": evaluation.cases,
+        "lesions": evaluation.lesions,
+        "lesion_summary": evaluation.lesion_summary,
+        "per_rater": evaluation.per_rater,
+        "inter_rater": evaluation.inter_rater,
+    }
+    for name, frame in tables.items():
+        if name in ("per_case", "cases") or not frame.empty:
+            _write_csv(frame, out / f"{name}.csv")
+            written[name] = out / f"{name}.csv"
+    with atomic_path(out / "summary.json") as temporary:
+        temporary.write_text(json.dumps(summary_json(evaluation), indent=2, ensure_ascii=False, default=str))
+    written["summary"] = out / "summary.json"
+    if report:
+        written["report"] = write_report(evaluation, out / "report.html")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------
+def _figure_png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _box_plots(per_case: pd.DataFrame, metrics: Sequence[str]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    structures = list(dict.fromkeys(per_case["structure"]))
+    for metric in metrics:
+        data = [per_case.loc[per_case["structure"] == s, metric].dropna().to_numpy() for s in structures]
+        if not any(len(d) for d in data):
+            continue
+        figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(structures) + 1.5), 3.2))
+        axis.boxplot([d if len(d) else [np.nan] for d in data], showmeans=True)
+        axis.set_xticks(range(1, len(structures) + 1), structures, rotation=30, ha="right")
+        axis.set_ylabel(metric)
+        axis.set_title(f"{metric} per structure (NaN excluded)")
+        axis.grid(axis="y", alpha=0.3)
+        plots.append((metric, _figure_png(figure)))
+    return plots
+
+
+def _overlay(reference_path: str, prediction_path: str, image_path: str | None, label_ids: Sequence[int],
+             title: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medseg.io import read_volume
+
+    reference = np.isin(read_volume(reference_path, kind="label").array[0], label_ids)
+    prediction = np.isin(read_volume(prediction_path, kind="label").array[0], label_ids)
+    background = None
+    if image_path:
+        try:
+            background = read_volume(image_path).array[0]
+        except Exception:  # noqa: BLE001 - an overlay without its image is still useful
+            background = None
+    if reference.ndim == 3:
+        area = reference.sum(axis=(0, 1)) + 0.5 * prediction.sum(axis=(0, 1))
+        k = int(np.argmax(area))
+        reference, prediction = reference[:, :, k], prediction[:, :, k]
+        background = background[:, :, k] if background is not None and background.ndim == 3 else None
+        title = f"{title} (slice k={k})"
+    figure, axis = plt.subplots(figsize=(4, 4))
+    if background is not None and background.shape == reference.shape:
+        axis.imshow(background.T, cmap="gray", origin="lower")
+    else:
+        axis.imshow(np.zeros(reference.T.shape), cmap="gray", origin="lower")
+    if reference.any():
+        axis.contour(reference.T.astype(float), levels=[0.5], colors=["lime"], linewidths=1.2)
+    if prediction.any():
+        axis.contour(prediction.T.astype(float), levels=[0.5], colors=["red"], linewidths=1.0)
+    axis.set_title(title, fontsize=9)
+    axis.set_axis_off()
+    return _figure_png(figure)
+
+
+def _table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
+    return frame.to_html(float_format=lambda v: f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}",
+                         na_rep="–", border=0, classes="t")
+
+
+def write_report(evaluation: "Evaluation", path: str | Path, *, worst: int = 5) -> Path:
+    """Write a self-contained HTML report (summary table, box plots, worst-case overlays)."""
+    path = Path(path)
+    content = summary_json(evaluation)
+    per_case = evaluation.per_case
+    summary = summarize(per_case)
+    compact = pd.DataFrame()
+    if not summary.empty:
+        compact = summary[["n", "n_scored", "mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high",
+                           "n_ok", "n_both_empty", "n_ref_empty", "n_pred_empty", "n_missing_prediction", "n_error"]]
+    sections = [
+        f"<h1>medseg evaluation report</h1><p>{html.escape(content['created'])} · medseg "
+        f"{html.escape(content['medseg_version'])} · {content['num_cases']} cases · "
+        f"case status: {html.escape(json.dumps(content['case_status_counts']))} · units: {html.escape(content['units'])}</p>",
+        "<h2>Summary per structure</h2>"
+        "<p>NaN values (empty cases) are excluded from means; the status counts beside each row say how many. "
+        "CI: 95% percentile bootstrap of the mean.</p>" + (_table_html(compact) if not compact.empty else "<p>no rows</p>"),
+        f"<h2>mIoU</h2><p>dataset-level (summed confusion matrix): <b>{_fmt(content['miou']['dataset_level'])}</b>; "
+        f"mean of per-case mIoU: <b>{_fmt(content['miou']['mean_of_case_miou'])}</b></p>",
+    ]
+    if content["lesions"]:
+        sections.append("<h2>Lesion-wise (instance) metrics</h2>" + _table_html(pd.DataFrame(content["lesions"]).T))
+    if not evaluation.inter_rater.empty:
+        inter = evaluation.inter_rater.groupby(["rater_a", "rater_b", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
+        sections.append("<h2>Inter-rater agreement (human baseline)</h2>" + _table_html(inter))
+    if not evaluation.per_rater.empty:
+        per_rater = evaluation.per_rater.groupby(["rater", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
+        sections.append("<h2>Prediction against each rater and the consensus</h2>" + _table_html(per_rater))
+    plots = _box_plots(per_case, ["dice", "hd95_mm", "nsd"])
+    if plots:
+        sections.append("<h2>Distributions</h2>" + "".join(
+            f'<img alt="{html.escape(m)} box plot" src="{src}">' for m, src in plots))
+    sections.append(_worst_section(evaluation, worst))
+    failed = evaluation.failed
+    if len(failed):
+        sections.append("<h2>Failed cases</h2><ul>" + "".join(
+            f"<li><b>{html.escape(str(r.case_id))}</b>: {html.escape(str(r.message))}</li>" for r in failed.itertuples()) + "</ul>")
+    sections.append("<h2>Definitions</h2><ul>" + "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in content["definitions"].items()) + "</ul>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>medseg evaluation</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table.t{border-collapse:collapse;font-size:13px}"
+        "table.t td,table.t th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+        "img{margin:4px;border:1px solid #eee}</style></head><body>" + "\n".join(sections) + "</body></html>"
+    )
+    with atomic_path(path) as temporary:
+        temporary.write_text(page, encoding="utf-8")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _worst_section(evaluation: "Evaluation", worst: int) -> str:
+    per_case = evaluation.per_case
+    scored = per_case[per_case["status"].isin(["ok", "pred_empty", "ref_empty"])].sort_values("dice").head(worst)
+    if scored.empty:
+        return ""
+    cases = evaluation.cases.set_index("case_id")
+    images = []
+    for row in scored.itertuples():
+        case = cases.loc[row.case_id]
+        if not isinstance(case.reference, str) or not isinstance(case.prediction, str):
+            continue
+        label_ids = [int(v) for v in str(row.label).split("+")]
+        try:
+            src = _overlay(case.reference, case.prediction, getattr(case, "image", None), label_ids,
+                           f"{row.case_id} · {row.structure} · Dice {row.dice:.3f}")
+        except Exception:  # noqa: BLE001 - a broken overlay must not lose the report
+            src = None
+        if src:
+            images.append(f'<img alt="overlay {html.escape(str(row.case_id))}" src="{src}">')
+    return ("<h2>Worst cases</h2><p>Lowest Dice; reference contour green, prediction red.</p>" + "".join(images)) if images else ""
