@@ -27,6 +27,16 @@ _LAZY: dict[str, str] = {
     "check_manifest": "medseg.check",
     "MedsegUserError": "medseg.errors",
     "environment_report": "medseg.environment",
+    "evaluate": "medseg.evaluation",
+    "evaluate_pair": "medseg.evaluation",
+    "Evaluation": "medseg.evaluation",
+    "EvaluationSettings": "medseg.evaluation",
+    "summarize": "medseg.report",
+    "write_outputs": "medseg.report",
+    "write_report": "medseg.report",
+    "resample_to": "medseg.resample",
+    "majority_vote": "medseg.consensus",
+    "staple": "medseg.consensus",
 }
 
 __all__ = ["__version__", *_LAZY]

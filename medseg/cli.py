@@ -92,7 +92,7 @@ def evaluate(
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
 ) -> None:
     """Evaluate predictions against references: per_case.csv, summary.json, report.html."""
-    from medseg.evaluate import evaluate as run_evaluation
+    from medseg.evaluation import evaluate as run_evaluation
     from medseg.report import summarize, write_outputs
 
     evaluation = run_evaluation(

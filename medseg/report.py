@@ -1,4 +1,4 @@
-"""Summaries and reports of an :class:`~medseg.evaluate.Evaluation`.
+"""Summaries and reports of an :class:`~medseg.evaluation.Evaluation`.
 
 * :func:`summarize`: per structure and metric: ``n`` (rows), ``n_scored`` (non-NaN values),
   ``mean``, ``sd`` (ddof=1), ``median``, ``q25``, ``q75``, a 95 % percentile-bootstrap CI of the
@@ -28,7 +28,7 @@ import pandas as pd
 from medseg.io import atomic_path
 
 if TYPE_CHECKING:
-    from medseg.evaluate import Evaluation
+    from medseg.evaluation import Evaluation
 
 __all__ = ["summarize", "summary_json", "write_outputs", "write_report", "DEFAULT_SUMMARY_METRICS"]
 

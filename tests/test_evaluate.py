@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from medseg.cli import main
-from medseg.evaluate import PER_CASE_COLUMNS, EvaluationSettings, evaluate, evaluate_pair
+from medseg.evaluation import PER_CASE_COLUMNS, EvaluationSettings, evaluate, evaluate_pair
 from medseg.errors import GeometryMismatchError, LabelValueError
 from medseg.io import write_volume
 from medseg.labels import LabelSet

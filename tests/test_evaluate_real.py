@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 from medseg.cli import main
-from medseg.evaluate import evaluate
+from medseg.evaluation import evaluate
 from medseg.io import read_volume, write_volume
 from medseg.manifest import load_manifest
 
