@@ -300,16 +300,21 @@ def write_report(evaluation: "Evaluation", path: str | Path, *, worst: int = 5) 
     per_case = evaluation.per_case
     summary = summarize(per_case)
     compact = pd.DataFrame()
+    statuses = pd.DataFrame()
     if not summary.empty:
-        compact = summary[["n", "n_scored", "mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high",
-                           "n_ok", "n_both_empty", "n_ref_empty", "n_pred_empty", "n_missing_prediction", "n_error"]]
+        compact = summary[["n_scored", "mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high"]]
+        statuses = (summary.xs("dice", level="metric")[[f"n_{s}" for s in _STATUSES]]
+                    .rename(columns=lambda c: c[2:]))
     sections = [
         f"<h1>medseg evaluation report</h1><p>{html.escape(content['created'])} · medseg "
         f"{html.escape(content['medseg_version'])} · {content['num_cases']} cases · "
         f"case status: {html.escape(json.dumps(content['case_status_counts']))} · units: {html.escape(content['units'])}</p>",
         "<h2>Summary per structure</h2>"
-        "<p>NaN values (empty cases) are excluded from means; the status counts beside each row say how many. "
-        "CI: 95% percentile bootstrap of the mean.</p>" + (_table_html(compact) if not compact.empty else "<p>no rows</p>"),
+        "<p>NaN values (empty cases) are excluded from means; the status counts below say how many rows each "
+        "structure has of each kind. CI: 95% percentile bootstrap of the mean. NSD tolerance: "
+        + html.escape(", ".join(f"{k} {v:g} mm" for k, v in content["settings"]["nsd_tolerance_mm"].items()))
+        + ".</p>" + (_table_html(compact) if not compact.empty else "<p>no rows</p>"),
+        "<h2>Status counts (rows per structure)</h2>" + (_table_html(statuses) if not statuses.empty else ""),
         f"<h2>mIoU</h2><p>dataset-level (summed confusion matrix): <b>{_fmt(content['miou']['dataset_level'])}</b>; "
         f"mean of per-case mIoU: <b>{_fmt(content['miou']['mean_of_case_miou'])}</b></p>",
     ]
