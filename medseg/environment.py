@@ -10,9 +10,8 @@ __all__ = ["environment_report", "OPTIONAL_EXTRAS"]
 
 #: extra name -> (import name, what it enables)
 OPTIONAL_EXTRAS: dict[str, tuple[str, str]] = {
-    "sam": ("segment_anything", "SAM-prompted refinement"),
-    "dask": ("dask", "out-of-core evaluation of very large volumes"),
-    "pynrrd": ("nrrd", "NRRD header inspection (tests)"),
+    "sam": ("segment_anything", "SAM-prompted refinement (planned: medseg.refine is not implemented yet)"),
+    "dask": ("dask", "out-of-core evaluation (planned; not used yet)"),
 }
 
 
@@ -50,7 +49,7 @@ def environment_report(*, include_device: bool = True) -> dict[str, str]:
             importlib.import_module(module)
             state = "available"
         except ImportError:
-            state = f"not installed (pip install 'medseg[{extra}]')" if extra != "pynrrd" else "not installed"
+            state = f"not installed (pip install 'medseg[{extra}]')"
         report[f"extra:{extra}"] = f"{state} - {purpose}"
     return report
 
