@@ -34,7 +34,7 @@ import pandas as pd
 from medseg.errors import GeometryMismatchError, LabelValueError, MedsegUserError
 from medseg.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, atomic_path, read_volume, strip_volume_suffix, volume_suffix
 from medseg.labels import LabelSet, Structure
-from medseg.manifest import DEFAULT_NSD_TOLERANCE_MM, Manifest, load_manifest
+from medseg.manifest import DEFAULT_NSD_TOLERANCE_MM, Manifest, load_manifest, remap_labels
 from medseg.volume import Volume
 
 __all__ = [
@@ -394,15 +394,7 @@ def _jobs(
 
 
 def _read_label(path: str, value_map: Mapping[int, int] | None = None) -> Volume:
-    volume = read_volume(path, kind="label")
-    if value_map:
-        array = volume.array.copy()
-        for stored, label_id in value_map.items():
-            array[volume.array == stored] = label_id
-        from medseg.io import as_label_array
-
-        volume = volume.with_array(as_label_array(array, source=path))
-    return volume
+    return remap_labels(read_volume(path, kind="label"), value_map)
 
 
 def _file_key(path: str | None) -> list[Any]:

@@ -43,7 +43,7 @@ from medseg.io import read_channels, read_volume, strip_volume_suffix
 from medseg.labels import LabelSet
 from medseg.volume import Volume
 
-__all__ = ["Case", "Manifest", "load_manifest", "kfold_split", "DEFAULT_NSD_TOLERANCE_MM"]
+__all__ = ["Case", "Manifest", "load_manifest", "kfold_split", "remap_labels", "DEFAULT_NSD_TOLERANCE_MM"]
 
 DEFAULT_NSD_TOLERANCE_MM = 1.0
 _DEFAULT_CASE_LISTS = ("training", "test")
@@ -135,17 +135,7 @@ class Manifest:
         path = case.label if key == "label" else case.extras.get(key)
         if path is None:
             raise ManifestError(f"{self.name}: case {case.case_id!r} has no {key!r}")
-        volume = read_volume(path, kind="label")
-        mapping = self.label_value_map.get(key)
-        if mapping:
-            array = volume.array
-            remapped = array.copy()
-            for stored, label_id in mapping.items():
-                remapped[array == stored] = label_id
-            from medseg.io import as_label_array
-
-            volume = volume.with_array(as_label_array(remapped, source=str(path)))
-        return volume
+        return remap_labels(read_volume(path, kind="label"), self.label_value_map.get(key))
 
     def to_json(self) -> dict[str, Any]:
         """A summary of the resolved manifest (for run folders and reports)."""
@@ -160,6 +150,22 @@ class Manifest:
             "num_cases": len(self.cases),
             "folds": [list(f) for f in self.folds],
         }
+
+
+def remap_labels(volume: Volume, mapping: Mapping[int, int] | None) -> Volume:
+    """Replace stored label values by label ids (``{1: 255}``: stored 1 means label 255).
+
+    Values not in ``mapping`` are kept. Used for raters who stored the same labels differently
+    (DRIVE's second observer stores vessels as 1, the first as 255).
+    """
+    if not mapping:
+        return volume
+    from medseg.io import as_label_array
+
+    remapped = volume.array.copy()
+    for stored, label_id in mapping.items():
+        remapped[volume.array == stored] = label_id
+    return volume.with_array(as_label_array(remapped, source=str(volume.meta.get("path", "label map"))))
 
 
 def kfold_split(case_ids: Sequence[str], *, num_folds: int = 5, seed: int = _SPLIT_SEED) -> list[list[str]]:
