@@ -87,6 +87,7 @@ def evaluate(
     resample_prediction: bool = typer.Option(False, "--resample-prediction", help="Resample predictions onto the reference grid (nearest) instead of reporting a mismatch."),
     things: Optional[List[str]] = typer.Option(None, "--thing", help="Score this structure as instances (repeatable; default: the manifest's things)."),
     match: str = typer.Option("iou", "--match", help="Lesion matching: 'iou' (IoU > 0.5) or 'overlap'."),
+    connectivity: Optional[int] = typer.Option(None, "--connectivity", min=1, max=3, help="Lesion connectivity: 1 = faces ... ndim = full (default)."),
     nsd_tolerance_mm: Optional[float] = typer.Option(None, "--nsd-tolerance-mm", min=0.0, help="NSD tolerance for every structure (default: the manifest's, else 1 mm)."),
     subset: Optional[str] = typer.Option(None, "--subset", help="Only cases of this manifest list (e.g. test_labelled)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
@@ -98,6 +99,7 @@ def evaluate(
     evaluation = run_evaluation(
         reference, prediction, labels=labels, data_root=data_root, probabilities=probabilities,
         things=things or None, nsd_tolerance_mm=nsd_tolerance_mm, match=match,  # type: ignore[arg-type]
+        connectivity=connectivity,
         resample_prediction=resample_prediction, subset=subset, workers=workers, out=out,
         progress=sys.stderr.isatty(),
     )
