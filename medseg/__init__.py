@@ -37,6 +37,10 @@ _LAZY: dict[str, str] = {
     "resample_to": "medseg.resample",
     "majority_vote": "medseg.consensus",
     "staple": "medseg.consensus",
+    "Segmenter": "medseg.inference",
+    "predict_batch": "medseg.predict",
+    "run_demo": "medseg.demo",
+    "determine_postprocessing": "medseg.postprocess",
 }
 
 __all__ = ["__version__", *_LAZY]

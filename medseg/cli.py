@@ -120,6 +120,62 @@ def evaluate(
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 
 
+@app.command()
+def predict(
+    model: List[Path] = typer.Option(..., "--model", help="Run folder, folder of fold_* runs, or checkpoint; repeat for an ensemble."),
+    input: Path = typer.Option(..., "--input", help="An image file, a folder of images, or a manifest (.json)."),
+    output: Path = typer.Option(..., "--output", help="Output folder: one label file per input, same name and format."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data root of a manifest input."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="Only this case list of a manifest (e.g. test)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation."),
+    overlap: float = typer.Option(0.5, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap fraction."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.nii.gz."),
+    watershed: bool = typer.Option(False, "--watershed", help="Split touching instances of thing structures."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="Checkpoint of run folders: best or last."),
+    no_postprocessing: bool = typer.Option(False, "--no-postprocessing", help="Ignore the run's postprocessing.json."),
+) -> None:
+    """Segment images with a trained model or fold ensemble, in each input's exact geometry."""
+    from medseg.predict import predict_batch
+
+    result = predict_batch(
+        model[0] if len(model) == 1 else model, input, output, data_root=data_root, subset=subset, device=device,
+        tta=tta, overlap=overlap, save_probabilities=save_probabilities, watershed=watershed, which=checkpoint,
+        postprocessing=None if no_postprocessing else "auto", progress=sys.stderr.isatty(),
+    )
+    for case_id, message in result.failed:
+        typer.echo(f"failed: {case_id}: {message}", err=True)
+    typer.echo(
+        f"predicted {len(result.predicted)}, reused {len(result.skipped)}, failed {len(result.failed)} "
+        f"in {result.elapsed_s:.1f} s; wrote {output} ({result.record.name if result.record else ''})"
+    )
+    if result.failed:
+        raise typer.Exit(EXIT_PROBLEMS_FOUND)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("medseg_demo"), "--out", help="Folder for the data, model, predictions and report."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Run on this dataset instead of synthetic data."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data root of --manifest."),
+    train_minutes: float = typer.Option(2.0, "--train-minutes", min=0.05, help="Wall-clock training budget (minutes)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation when predicting."),
+    threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0: one per core)."),
+) -> None:
+    """Synthetic (or your) data -> plan -> train briefly -> predict held-out cases -> evaluate -> report.html."""
+    from medseg.demo import run_demo
+    from medseg.errors import MedsegUserError
+
+    if data_root is not None and manifest is None:
+        raise MedsegUserError("--data-root needs --manifest")
+    result = run_demo(out, manifest=manifest, data_root=data_root, train_minutes=train_minutes, device=device,
+                      tta=tta, num_threads=threads or None, progress=sys.stderr.isatty())
+    typer.echo(f"held-out Dice ({result.num_heldout} cases): "
+               + ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items()))
+    typer.echo(f"report: {result.report}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``medseg`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,113 @@
+"""Benchmark: plan + train fold 0 of MSD Hippocampus on this machine under a wall-clock budget.
+
+Prints per-structure validation Dice (fold 0 validation cases, mean over cases, on the
+preprocessed 1 mm grid, which for this dataset is the original grid) beside nnU-Net's published
+5-fold cross-validation Dice for ``3d_fullres``, with the time used and the throughput.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_hippocampus.py --data-root ../shared/data/msd_hippocampus \\
+        --time-limit-min 30 --out runs/hippo_bench
+
+The equivalent command lines are ``medseg plan`` then ``medseg train ... --config 3d --fold 0
+--time-limit-min 30``; the benchmark only adds the plan edits given by its options (written to
+``OUT/plans.json``, so the run can be reproduced with ``medseg train --plans OUT/plans.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+NNUNET_3D_FULLRES_CV = {"Anterior": 0.8975, "Posterior": 0.8807}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, default=REPO / "data_manifests" / "msd_hippocampus.json")
+    parser.add_argument("--out", type=Path, default=Path("runs/hippo_bench"))
+    parser.add_argument("--time-limit-min", type=float, default=30.0)
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--config", default="3d", choices=["3d", "2d"])
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-features", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the plans' batch size")
+    parser.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default: the plans'")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--iterations-per-epoch", type=int, default=None)
+    parser.add_argument("--validate-every", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from medseg.manifest import load_manifest
+    from medseg.plan import fingerprint_dataset, load_plans, make_plans, save_json
+    from medseg.train import train
+
+    torch.set_num_threads(args.threads)
+    manifest = load_manifest(args.manifest, data_root=args.data_root)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plans_path = args.out / "plans.json"
+    start = time.monotonic()
+    if args.resume and plans_path.is_file():
+        plans = load_plans(plans_path)
+    else:
+        fingerprint = fingerprint_dataset(manifest, workers=args.threads)
+        plans = make_plans(fingerprint, base_features=args.base_features)
+        if args.optimizer:
+            plans["training"]["optimizer"] = args.optimizer
+        if args.learning_rate is not None:
+            plans["training"]["learning_rate"] = args.learning_rate
+        if args.batch_size:
+            plans["configurations"][args.config]["batch_size"] = args.batch_size
+        save_json(fingerprint, args.out / "fingerprint.json")
+        save_json(plans, plans_path)
+    plan_s = time.monotonic() - start
+    run_dir = args.out / f"fold_{args.fold}"
+    result = train(
+        manifest, plans=plans, config=args.config, fold=args.fold, out_dir=run_dir,
+        time_limit_min=args.time_limit_min, device=args.device, seed=args.seed, resume=args.resume,
+        iterations_per_epoch=args.iterations_per_epoch, validate_every=args.validate_every,
+    )
+    total_s = time.monotonic() - start
+    rows = list(csv.DictReader(open(run_dir / "history.csv")))
+    epoch_times = [float(r["epoch_time_s"]) for r in rows]
+    iterations = int(rows[-1]["iteration"]) if rows else 0
+    train_s = sum(epoch_times)
+    cfg = plans["configurations"][args.config]
+    print()
+    print(f"MSD Hippocampus, fold {args.fold}, config {args.config}, device {result.get('device', args.device)}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, filters {cfg['network']['filters']}, "
+          f"optimizer {plans['training']['optimizer']} lr {plans['training']['learning_rate']}")
+    print(f"{'structure':<12}{'medseg':>10}{'nnU-Net 3d_fullres CV':>24}")
+    final = result["final_dice"]
+    for name, reference in NNUNET_3D_FULLRES_CV.items():
+        print(f"{name:<12}{final.get(name, float('nan')):>10.4f}{reference:>24.4f}")
+    reference_mean = sum(NNUNET_3D_FULLRES_CV.values()) / len(NNUNET_3D_FULLRES_CV)
+    print(f"{'mean':<12}{final.get('mean', float('nan')):>10.4f}{reference_mean:>24.4f}")
+    print(f"best mean validation Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
+    print(f"time: planning {plan_s:.0f} s, training budget {args.time_limit_min} min, training loop "
+          f"{result['elapsed_s']:.0f} s, total {total_s:.0f} s")
+    if iterations and train_s:
+        per_epoch = args.iterations_per_epoch or plans["training"]["iterations_per_epoch"]
+        print(f"throughput: {iterations} iterations (batch {cfg['batch_size']}) in {len(rows)} epochs of up to "
+              f"{per_epoch}, {iterations / train_s:.2f} it/s ({train_s / iterations:.2f} s/it, "
+              f"{per_epoch * train_s / iterations:.0f} s per full epoch, validation excluded)")
+    val_times = [float(r["val_time_s"]) for r in rows if r.get("val_time_s")]
+    if val_times:
+        print(f"validation: {len(val_times)} runs, {val_times[-1]:.0f} s each ({result.get('device')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
