@@ -121,6 +121,52 @@ def evaluate(
 
 
 @app.command()
+def plan(
+    manifest: Path = typer.Argument(..., help="Manifest JSON (data_manifests/*.json or a dataset.json)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the manifest's paths are relative to."),
+    out: Path = typer.Option(Path("plans.json"), "--out", help="Plans file; fingerprint.json is written beside it."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Threads reading cases."),
+    memory_budget_gb: float = typer.Option(8.0, "--memory-budget-gb", min=0.01, help="Activation memory of one training batch."),
+    base_features: int = typer.Option(16, "--base-features", min=1, help="Features of the first U-Net stage (nnU-Net: 32)."),
+) -> None:
+    """Fingerprint a dataset and write editable plans (3d and 2d configurations)."""
+    from medseg.plan import plan_dataset
+
+    plans = plan_dataset(manifest, data_root=data_root, out=out, workers=workers,
+                         memory_budget_gb=memory_budget_gb, base_features=base_features)
+    for name, cfg in plans["configurations"].items():
+        typer.echo(f"{name}: spacing_mm {cfg['spacing_mm']} patch {cfg['patch_size']} batch {cfg['batch_size']} "
+                   f"stages {len(cfg['network']['strides'])} filters {cfg['network']['filters']}")
+    typer.echo(f"wrote {out} and {out.with_name('fingerprint.json')}")
+
+
+@app.command()
+def train(
+    manifest: Path = typer.Argument(..., help="Manifest JSON."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the manifest's paths are relative to."),
+    plans: Path = typer.Option(..., "--plans", help="plans.json from `medseg plan`."),
+    config: str = typer.Option("3d", "--config", help="3d or 2d."),
+    fold: str = typer.Option("0", "--fold", help="Fold index, or 'all' for every fold in turn."),
+    out: Path = typer.Option(..., "--out", help="Run folder."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: the plans' (unbounded with --time-limit-min)."),
+    time_limit_min: Optional[float] = typer.Option(None, "--time-limit-min", min=0.0, help="Wall-clock training budget; the schedule is compressed into it."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint_last.pt."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Train a planned U-Net on one fold (or all), with validation and checkpoints."""
+    from medseg.train import train as train_model
+
+    result = train_model(manifest, data_root=data_root, plans=plans, config=config, fold=fold, out_dir=out,
+                         epochs=epochs, time_limit_min=time_limit_min, device=device, resume=resume, seed=seed,
+                         num_threads=threads or None, progress=sys.stderr.isatty())
+    for run in result if isinstance(result, list) else [result]:
+        dice = ", ".join(f"{k} {v:.4f}" for k, v in run["final_dice"].items())
+        typer.echo(f"fold {run['fold']}: {run['epochs']} epochs, {run['elapsed_s']:.0f} s; validation Dice: {dice}; {run['out_dir']}")
+
+
+@app.command()
 def predict(
     model: List[Path] = typer.Option(..., "--model", help="Run folder, folder of fold_* runs, or checkpoint; repeat for an ensemble."),
     input: Path = typer.Option(..., "--input", help="An image file, a folder of images, or a manifest (.json)."),
