@@ -363,6 +363,14 @@ def make_plans(
     """
     spacings = np.asarray(fingerprint["spacings_mm"], dtype=float)
     shapes = np.asarray(fingerprint["shapes"], dtype=float)
+    if shapes.ndim != 2 or shapes.shape[1] != 3:
+        from medseg.errors import MedsegUserError
+
+        raise MedsegUserError(
+            f"{fingerprint.get('dataset', {}).get('name', 'dataset')}: the planner supports 3D volumes only; "
+            f"this dataset's images have {shapes.shape[-1] if shapes.ndim == 2 else '?'} spatial axes "
+            "(2D images such as DRIVE are evaluated, not yet trained)"
+        )
     spacing = target_spacing(spacings)
     physical = shapes * spacings
     median_shape = np.median(physical / np.array(spacing), axis=0)

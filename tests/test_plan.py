@@ -140,3 +140,13 @@ def test_hippocampus_plans_match_nnunet() -> None:
     assert cfg["spacing_mm"] == [1.0, 1.0, 1.0]
     assert cfg["patch_size"] == [40, 56, 40]  # nnU-Net 3d_fullres patch for Task04
     assert plans["normalization"][0]["scheme"] == "zscore"
+
+
+def test_2d_datasets_are_refused_clearly() -> None:
+    from medseg.errors import MedsegUserError
+
+    fingerprint = _fingerprint([[1, 1, 1]] * 2, [[32, 32, 32]] * 2)
+    fingerprint["spacings_mm"] = [[1.0, 1.0]] * 2
+    fingerprint["shapes"] = [[565, 584]] * 2
+    with pytest.raises(MedsegUserError, match="3D volumes only"):
+        make_plans(fingerprint)
