@@ -154,6 +154,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint_last.pt."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    postprocessing: bool = typer.Option(True, "--postprocessing/--no-postprocessing", help="Afterwards, choose keep-largest / remove-small rules on the validation cases (kept only where they raise Dice)."),
 ) -> None:
     """Train a planned U-Net on one fold (or all), with validation and checkpoints."""
     from medseg.train import train as train_model
@@ -161,9 +162,16 @@ def train(
     result = train_model(manifest, data_root=data_root, plans=plans, config=config, fold=fold, out_dir=out,
                          epochs=epochs, time_limit_min=time_limit_min, device=device, resume=resume, seed=seed,
                          num_threads=threads or None, progress=sys.stderr.isatty())
-    for run in result if isinstance(result, list) else [result]:
+    runs = result if isinstance(result, list) else [result]
+    for run in runs:
         dice = ", ".join(f"{k} {v:.4f}" for k, v in run["final_dice"].items())
         typer.echo(f"fold {run['fold']}: {run['epochs']} epochs, {run['elapsed_s']:.0f} s; validation Dice: {dice}; {run['out_dir']}")
+    if postprocessing:
+        from medseg.postprocess import determine_postprocessing_for_runs
+
+        rules = determine_postprocessing_for_runs([r["out_dir"] for r in runs], manifest=manifest, data_root=data_root,
+                                                  device=device, progress=sys.stderr.isatty())
+        typer.echo(f"postprocessing chosen on the validation cases: {json.dumps(rules.get('rules', rules))}")
 
 
 @app.command()

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegUserError
-from medseg.io import write_volume
+from medseg.io import atomic_path, write_volume
 from medseg.volume import Volume
 
 __all__ = ["DemoResult", "make_synthetic_case", "make_synthetic_dataset", "run_demo"]
@@ -148,7 +148,8 @@ def make_synthetic_dataset(
         **entries,
     }
     path = root / "dataset.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -204,7 +205,8 @@ def _heldout_manifest(manifest_path: Path, data_root: Path, out: Path) -> tuple[
         for c in validation
     ]
     path = out / "heldout_manifest.json"
-    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     return path, "heldout", len(validation)
 
 

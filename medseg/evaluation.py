@@ -32,7 +32,16 @@ import numpy as np
 import pandas as pd
 
 from medseg.errors import GeometryMismatchError, LabelValueError, MedsegUserError
-from medseg.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, atomic_path, read_volume, strip_volume_suffix, volume_suffix
+from medseg.io import (
+    IMAGE_2D_SUFFIXES,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    atomic_path,
+    check_same_grid,
+    read_volume,
+    strip_volume_suffix,
+    volume_suffix,
+)
 from medseg.labels import LabelSet, Structure
 from medseg.manifest import DEFAULT_NSD_TOLERANCE_MM, Manifest, load_manifest, remap_labels
 from medseg.volume import Volume
@@ -335,6 +344,10 @@ def _load_labels_manifest(path: Path) -> Manifest:
         raise ManifestError(f"{path}: manifest not found") from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"{path}: invalid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{path}: cannot read manifest ({error})") from None
+    if not isinstance(content, dict):
+        raise ManifestError(f"{path}: the top level must be a JSON object")
     # Only the label-related keys matter here: the cases may not exist under any data root.
     content = {k: v for k, v in content.items() if k in ("name", "labels", "regions", "things", "nsd_tolerance_mm")}
     content["training"] = [{"image": "unused.nii.gz"}]
@@ -458,12 +471,14 @@ def _run_job(job: _Job, settings: EvaluationSettings) -> dict[str, Any]:
             return result
         prediction = _read_label(job.prediction)
         probabilities = read_volume(job.probabilities) if job.probabilities else None
+        if probabilities is not None:
+            check_same_grid(reference, probabilities, tolerance_mm=settings.tolerance_mm)
         pair = evaluate_pair(reference, prediction, settings=settings, case_id=job.case_id, probabilities=probabilities)
         result["rows"], result["lesions"], result["lesion_summary"] = pair.rows, pair.lesions, pair.lesion_summary
         result["confusion"] = pair.confusion.tolist() if pair.confusion is not None else None
         if len(raters) > 1:
             result["per_rater"] = _per_rater(job.case_id, raters, prediction, settings)
-    except MedsegUserError as error:
+    except (MedsegUserError, ValueError) as error:  # bad input of this case: record it, go on
         result["status"] = "error"
         result["message"] = str(error)
         result["rows"] = _empty_rows(job.case_id, settings, "error", str(error))
@@ -609,7 +624,7 @@ def _cache_file(cache_dir: Path, case_id: str) -> Path:
 def _load_cached(cache_dir: Path, case_id: str, key: str) -> dict[str, Any] | None:
     path = _cache_file(cache_dir, case_id)
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return stored["result"] if stored.get("key") == key else None
@@ -618,7 +633,7 @@ def _load_cached(cache_dir: Path, case_id: str, key: str) -> dict[str, Any] | No
 def _store_cached(cache_dir: Path, case_id: str, key: str, result: dict[str, Any]) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(_cache_file(cache_dir, case_id)) as temporary:
-        temporary.write_text(json.dumps({"key": key, "result": result}, default=_json_default))
+        temporary.write_text(json.dumps({"key": key, "result": result}, default=_json_default), encoding="utf-8")
 
 
 def _json_default(value: Any) -> Any:

@@ -128,7 +128,10 @@ def read_volume(path: str | os.PathLike[str], *, kind: VolumeKind = "image") -> 
         array = as_label_array(array, source=str(path))
     else:
         array = np.asarray(array, dtype=np.float32)
-    return Volume(array, affine, kind=kind, meta=meta)
+    try:
+        return Volume(array, affine, kind=kind, meta=meta)
+    except ValueError as error:  # singular or non-finite affine, unsupported shape
+        raise InvalidFileError(f"{path}: invalid geometry ({error})") from None
 
 
 def read_channels(
@@ -228,6 +231,18 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    import locale
+
+    # GDCM switches the process's C locale to "C", which silently makes Python's default text
+    # encoding ASCII for the rest of the process: put the locale back afterwards.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        return _read_dicom_series_unguarded(folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _read_dicom_series_unguarded(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -257,11 +272,15 @@ def _read_2d(path: Path, *, kind: VolumeKind) -> tuple[np.ndarray, np.ndarray, d
         if kind == "label":
             # Palette images (GIF) keep their palette *indices*: those are the stored labels.
             if mode not in ("1", "L", "P", "I", "I;16", "F"):
-                image = image.convert("L")
+                raise InvalidFileError(
+                    f"{path}: colour ({mode}) image cannot be a label map; save labels as greyscale or palette"
+                )
             data = np.asarray(image)
         else:
-            if mode in ("P", "1", "LA", "PA", "CMYK", "YCbCr", "HSV", "RGBA"):
-                image = image.convert("RGB" if mode != "1" else "L")
+            if mode in ("1", "LA"):
+                image = image.convert("L")
+            elif mode in ("P", "PA", "CMYK", "YCbCr", "HSV", "RGBA"):
+                image = image.convert("RGB")
             data = np.asarray(image)
     if data.ndim == 2:
         array = data.T[None]  # (rows, cols) -> (1, x=cols, y=rows)

@@ -173,11 +173,13 @@ def kfold_split(case_ids: Sequence[str], *, num_folds: int = 5, seed: int = _SPL
 
     ``sorted(case_ids)`` are shuffled with ``numpy.random.RandomState(seed)`` and cut into
     ``num_folds`` consecutive blocks, the first ``n % num_folds`` blocks one case larger
-    (scikit-learn's ``KFold(num_folds, shuffle=True, random_state=seed)``).
+    (scikit-learn's ``KFold(num_folds, shuffle=True, random_state=seed)``). With fewer than
+    ``num_folds`` cases each case is its own fold (leave-one-out); with one case there are no folds.
     """
     ordered = sorted(case_ids)
     if len(ordered) < num_folds:
-        return [list(ordered)] if ordered else []
+        # too few cases for k folds: leave-one-out, so every fold still has training cases
+        return [[case_id] for case_id in ordered] if len(ordered) > 1 else []
     indices = np.arange(len(ordered))
     np.random.RandomState(seed).shuffle(indices)
     sizes = np.full(num_folds, len(ordered) // num_folds)
@@ -241,6 +243,15 @@ def manifest_from_dict(
     root = data_root.resolve()
     channels = _channels(content)
     case_lists = content.get("case_lists", _DEFAULT_CASE_LISTS)
+    for key, kind in (("raters", Mapping), ("label_value_map", Mapping), ("regions", Mapping),
+                      ("case_lists", (list, tuple)), ("things", (list, tuple))):
+        if key in content and not isinstance(content[key], kind):
+            raise ManifestError(f"{where}: {key!r} must be a JSON {'object' if kind is Mapping else 'list'}")
+    for key, mapping in dict(content.get("label_value_map", {})).items():
+        if not isinstance(mapping, Mapping) or not all(
+            _is_int(k) and _is_int(v) for k, v in mapping.items()
+        ):
+            raise ManifestError(f"{where}: label_value_map[{key!r}] must map stored values to label ids, e.g. {{\"1\": 255}}")
     label_keys = {"label", *dict(content.get("raters", {}))}
     raw_cases: list[tuple[str, Mapping[str, Any] | str]] = []
     for list_name in case_lists:
@@ -283,6 +294,14 @@ def manifest_from_dict(
         folds=folds,
         tensor_image_size=str(content.get("tensorImageSize", "3D")),
     )
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool) and float(value) == int(value)
 
 
 def _channels(content: Mapping[str, Any]) -> tuple[str, ...]:
@@ -346,6 +365,11 @@ def _case_ids(parsed: list[dict[str, Any]], *, where: str) -> list[str]:
     else:
         derived = [f"{p['images'][0].parent.name}_{n}" for p, n in zip(parsed, from_name)]
     ids = [str(e) if e is not None else d for e, d in zip(explicit, derived)]
+    for case_id in ids:
+        if not case_id or case_id.startswith(".") or "/" in case_id or "\\" in case_id or ".." in case_id:
+            raise ManifestError(
+                f"{where}: case id {case_id!r} is not a plain file name (no '/', '\\', '..' or leading '.')"
+            )
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ManifestError(f"{where}: duplicate case ids {duplicates[:5]}; give each case an 'id'")

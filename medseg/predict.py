@@ -172,10 +172,13 @@ def collect_inputs(
 
 
 def _file_fingerprint(path: Path) -> list[Any]:
-    if path.is_dir():
-        stats = [f.stat() for f in sorted(path.iterdir()) if f.is_file()]
-        return [str(path), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
-    stat = path.stat()
+    try:
+        if path.is_dir():
+            stats = [f.stat() for f in sorted(path.iterdir()) if f.is_file()]
+            return [str(path), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+        stat = path.stat()
+    except OSError:  # a vanished input never matches a record: the case is redone (and then fails clearly)
+        return [str(path), None, None]
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 

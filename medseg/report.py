@@ -210,7 +210,7 @@ def write_outputs(evaluation: "Evaluation", out: str | Path, *, report: bool = T
             _write_csv(frame, out / f"{name}.csv")
             written[name] = out / f"{name}.csv"
     with atomic_path(out / "summary.json") as temporary:
-        temporary.write_text(json.dumps(summary_json(evaluation), indent=2, ensure_ascii=False, default=str))
+        temporary.write_text(json.dumps(summary_json(evaluation), indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     written["summary"] = out / "summary.json"
     if report:
         written["report"] = write_report(evaluation, out / "report.html")

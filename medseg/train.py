@@ -373,6 +373,8 @@ def train_fold(
     if epochs is None and time_limit_min is None:
         epochs = int(settings.get("epochs", 1000))
     total_iterations = epochs * per_epoch if epochs is not None else None
+    if time_limit_min is not None and not time_limit_min > 0:
+        raise MedsegUserError(f"time limit must be > 0 minutes, got {time_limit_min}")
     time_limit_s = time_limit_min * 60.0 if time_limit_min is not None else None
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))

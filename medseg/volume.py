@@ -89,6 +89,8 @@ class Volume:
             raise ValueError(f"Volume.affine is singular:\n{affine}")
         if self.kind not in ("image", "label"):
             raise ValueError(f"Volume.kind must be 'image' or 'label', got {self.kind!r}")
+        if self.kind == "label" and array.dtype == np.bool_:
+            array = array.astype(np.uint8)
         if self.kind == "label" and not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"a label Volume must hold integers, got dtype {array.dtype}")
         affine.setflags(write=False)

@@ -139,3 +139,18 @@ def test_missing_data_root_and_bad_option(tmp_path: Path, capsys) -> None:
     assert main(["check", str(path), "--data-root", str(tmp_path / "nowhere")]) == 2
     assert "data root is not a folder" in capsys.readouterr().err
     assert main(["check", str(path), "--workers", "0"]) == 2
+
+
+def test_singular_affine_is_a_problem_not_a_crash(tmp_path: Path, capsys) -> None:
+    path = make_dataset(tmp_path, num_cases=2)
+    label_path = tmp_path / "labelsTr" / "case_001.nii.gz"
+    header = nib.Nifti1Header()
+    header.set_data_shape(nib.load(str(label_path)).shape)
+    header.set_data_dtype(np.uint8)
+    header.set_qform(None, code=0)
+    header.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)  # a zero voxel size: no valid geometry
+    data = np.asarray(nib.load(str(label_path)).dataobj)
+    nib.save(nib.Nifti1Image(data, None, header=header), str(label_path))
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "case_001" in out and "invalid geometry" in out and "checked 2 cases: 1 OK" in out

@@ -168,3 +168,18 @@ def test_cli_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "nope: not a folder" in capsys.readouterr().err
     assert not list(out.glob(".*.partial*"))
     assert os.path.exists(out / "report.html")
+
+
+def test_value_errors_of_one_case_become_error_rows(tmp_path: Path) -> None:
+    ref_dir, pred_dir = _write_batch(tmp_path)
+    # probabilities on another grid: that case is an error row, the others are scored
+    prob_dir = tmp_path / "prob"
+    write_volume(Volume(np.zeros((1, 20, 20, 11), np.float32), np.eye(4)), prob_dir / "case0.nii.gz")
+    evaluation = evaluate(ref_dir, pred_dir, labels=LABELS, probabilities=prob_dir, things=["a"])
+    statuses = evaluation.cases.set_index("case_id")["status"].to_dict()
+    assert statuses["case0"] == "error" and statuses["case1"] == "ok"
+    assert "geometry differs" in evaluation.cases.set_index("case_id").loc["case0", "message"]
+    # connectivity 3 is fine in 3D; 4 is a per-case error with its message, not a crash
+    bad = evaluate(ref_dir, pred_dir, labels=LABELS, things=["a"], connectivity=4)
+    assert set(bad.cases.status) == {"error", "missing_prediction"}
+    assert bad.cases[bad.cases.status == "error"].message.str.contains("connectivity").all()

@@ -151,6 +151,9 @@ def test_palette_gif_label_keeps_indices(tmp_path: Path) -> None:
 
 def test_dicom_series_folder(tmp_path: Path, oblique: np.ndarray) -> None:
     """Write a DICOM series with SimpleITK, read the folder, compare geometry with the source."""
+    import locale
+
+    saved_locale = locale.setlocale(locale.LC_ALL)
     affine = np.eye(4)
     affine[:3, :3] = np.diag([0.8, 0.8, 2.5])
     affine[:3, 3] = [10.0, -20.0, 5.0]
@@ -180,7 +183,9 @@ def test_dicom_series_folder(tmp_path: Path, oblique: np.ndarray) -> None:
             slice_image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_image)
+    locale.setlocale(locale.LC_ALL, saved_locale)  # GDCM's writer sets the C locale too
     back = read_volume(folder)
+    assert locale.setlocale(locale.LC_ALL) == saved_locale  # read_volume leaves the locale alone
     assert back.meta["format"] == "dicom"
     assert back.spatial_shape == volume.spatial_shape
     np.testing.assert_allclose(back.affine, volume.affine, atol=1e-3)
@@ -235,3 +240,19 @@ def test_strip_volume_suffix() -> None:
     assert strip_volume_suffix("a/b/case_01.nii.gz") == "case_01"
     assert strip_volume_suffix("x.mha") == "x"
     assert strip_volume_suffix("21_training.tif") == "21_training"
+
+
+def test_colour_label_image_is_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(InvalidFileError, match=r"rgb\.png: colour \(RGB\) image cannot be a label map"):
+        read_volume(tmp_path / "rgb.png", kind="label")
+
+
+def test_boolean_label_volume_becomes_uint8(tmp_path: Path) -> None:
+    label = _label()
+    mask = label.with_array(label.array == 1, kind="label")
+    assert mask.array.dtype == np.uint8
+    back = read_volume(write_volume(mask, tmp_path / "mask.nrrd"), kind="label")
+    np.testing.assert_array_equal(back.array, mask.array)

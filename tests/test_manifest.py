@@ -106,3 +106,32 @@ def test_symlink_out_of_root_is_rejected(tmp_path: Path) -> None:
     path.write_text(json.dumps(content))
     with pytest.raises(ManifestError, match="escapes the data root"):
         load_manifest(path)
+
+
+@pytest.mark.parametrize("case_id", ["../../escape", "a/b", ".hidden", "x\\y"])
+def test_case_ids_must_be_plain_file_names(tmp_path: Path, case_id: str) -> None:
+    path = make_dataset(tmp_path, num_cases=2)
+    content = json.loads(path.read_text())
+    content["training"][0]["id"] = case_id
+    path.write_text(json.dumps(content))
+    with pytest.raises(ManifestError, match="not a plain file name"):
+        load_manifest(path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("raters", ["x"], "'raters' must be a JSON object"),
+     ("label_value_map", {"label": {"one": 2}}, "must map stored values to label ids")],
+)
+def test_mistyped_superset_keys(tmp_path: Path, key: str, value, message: str) -> None:
+    path = make_dataset(tmp_path, num_cases=2)
+    content = json.loads(path.read_text())
+    content[key] = value
+    path.write_text(json.dumps(content))
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(path)
+
+
+def test_few_cases_give_leave_one_out_folds() -> None:
+    assert kfold_split(["a", "b", "c"]) == [["a"], ["b"], ["c"]]
+    assert kfold_split(["a"]) == []
