@@ -25,6 +25,9 @@ def test_plan_train_predict_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0, out
     assert "fold 0: 1 epochs" in out and "validation Dice" in out
     assert (run / "checkpoint_best.pt").is_file() and (run / "history.csv").is_file()
+    assert "postprocessing chosen on the validation cases" in out
+    rules = json.loads((run / "postprocessing.json").read_text(encoding="utf-8"))
+    assert set(rules["rules"]) <= {"anterior", "posterior"}
     # the same run folder again without --resume is refused with one line
     assert main(["train", str(manifest), "--plans", str(plans), "--fold", "0", "--epochs", "1", "--out", str(run)]) == 2
     assert capsys.readouterr().err.startswith("medseg: error:")
