@@ -431,6 +431,12 @@ def train_fold(
         best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
         history = [dict(row) for row in state["history"]]
         _set_rng_state(state["rng"])
+        saved_seed = state.get("seed")
+        if saved_seed is not None and int(saved_seed) != int(seed):
+            raise MedsegUserError(
+                f"{last_path}: run was started with seed {int(saved_seed)}; resume with the same --seed "
+                f"(got {seed}) or it would not continue the same run"
+            )
     poly = float(settings.get("poly_exponent", 0.9))
     run_clock = time.monotonic()
 

@@ -71,6 +71,8 @@ def test_resume_continues_exactly(dataset, tmp_path) -> None:
     train(manifest, plans=plans, out_dir=tmp_path / "straight", epochs=4, seed=5, **SMALL)
     train(manifest, plans=plans, out_dir=tmp_path / "split", epochs=4, seed=5, max_epochs_this_run=2, **SMALL)
     halfway = _weights(tmp_path / "split")
+    with pytest.raises(MedsegUserError, match="seed 5"):
+        train(manifest, plans=plans, out_dir=tmp_path / "split", epochs=4, seed=6, resume=True, **SMALL)
     result = train(manifest, plans=plans, out_dir=tmp_path / "split", epochs=4, seed=5, resume=True, **SMALL)
     assert result["epochs"] == 4 and result["iterations"] == 8
     straight, split = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
