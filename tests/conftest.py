@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny networks gain nothing from more threads, and a shared CPU loses a lot (OpenMP spinning)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """Path of ../shared/data; skips the test when it is absent."""
     if not SHARED_DATA.is_dir():

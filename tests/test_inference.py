@@ -19,13 +19,7 @@ from medseg.volume import Volume  # noqa: E402
 LABELS = {"0": "background", "1": "a", "2": "b"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny networks gain nothing from more threads, and a shared CPU loses a lot (OpenMP spinning)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_plans(*, spacing=(1.0, 1.0, 1.5), channels=("MRI",)) -> dict:

@@ -18,13 +18,7 @@ from medseg.predict import RECORD_FILE, collect_inputs, predict_batch  # noqa: E
 from medseg.volume import Volume  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny networks gain nothing from more threads, and a shared CPU loses a lot (OpenMP spinning)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(folder, count=3):
