@@ -39,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-features", type=int, default=16)
+    parser.add_argument("--augmentation", default=None, help="augmentation preset (default: medseg plan's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the plans' batch size")
     parser.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default: the plans'")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--iterations-per-epoch", type=int, default=None)
     parser.add_argument("--validate-every", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--evaluate-tta", action="store_true",
+                        help="afterwards, predict the validation cases in their own geometry with and without "
+                             "mirroring TTA (as nnU-Net's validation does) and score them with medseg's evaluation")
     args = parser.parse_args(argv)
 
     import torch
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         plans = load_plans(plans_path)
     else:
         fingerprint = fingerprint_dataset(manifest, workers=args.threads)
-        plans = make_plans(fingerprint, base_features=args.base_features)
+        plans = make_plans(fingerprint, base_features=args.base_features,
+                           **({"augmentation": args.augmentation} if args.augmentation else {}))
         if args.optimizer:
             plans["training"]["optimizer"] = args.optimizer
         if args.learning_rate is not None:
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads")
     print(f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, filters {cfg['network']['filters']}, "
           f"optimizer {plans['training']['optimizer']} lr {plans['training']['learning_rate']}")
+    print(f"augmentation probabilities {plans.get('augmentation', 'nnU-Net defaults')}")
     print(f"{'structure':<12}{'medseg':>10}{'nnU-Net 3d_fullres CV':>24}")
     final = result["final_dice"]
     for name, reference in NNUNET_3D_FULLRES_CV.items():
@@ -106,7 +112,35 @@ def main(argv: list[str] | None = None) -> int:
     val_times = [float(r["val_time_s"]) for r in rows if r.get("val_time_s")]
     if val_times:
         print(f"validation: {len(val_times)} runs, {val_times[-1]:.0f} s each ({result.get('device')})")
+    if args.evaluate_tta:
+        for tta in (False, True):
+            started = time.monotonic()
+            scores = validation_dice(run_dir, manifest, fold=args.fold, tta=tta)
+            print(f"final model, input geometry, medseg evaluation, {'with' if tta else 'without'} mirroring TTA: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                  + f" ({time.monotonic() - started:.0f} s)")
     return 0
+
+
+def validation_dice(run_dir: Path, manifest, *, fold: int, tta: bool) -> dict[str, float]:
+    """Mean Dice per structure (and their mean) of the run's final checkpoint over the fold's
+    validation cases, predicted in each image's own geometry and scored by the evaluation engine."""
+    import numpy as np
+
+    from medseg.evaluation import EvaluationSettings, evaluate_pair
+    from medseg.inference import Segmenter
+    from medseg.io import read_channels, read_volume
+
+    segmenter = Segmenter.from_checkpoint(run_dir, which="last", tta=tta, postprocessing=None)
+    settings = EvaluationSettings(labels=manifest.labels, include_regions=False)
+    dice: dict[str, list[float]] = {}
+    for case in manifest.fold(fold)[1]:
+        prediction = segmenter.predict(read_channels(case.images), postprocess=False)
+        for row in evaluate_pair(read_volume(case.label), prediction, settings=settings, case_id=case.case_id).rows:
+            dice.setdefault(row["structure"], []).append(float(row["dice"]))
+    means = {name: float(np.nanmean(values)) for name, values in dice.items()}
+    means["mean"] = float(np.mean(list(means.values())))
+    return means
 
 
 if __name__ == "__main__":

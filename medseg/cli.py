@@ -128,15 +128,18 @@ def plan(
     workers: int = typer.Option(2, "--workers", min=1, help="Threads reading cases."),
     memory_budget_gb: float = typer.Option(8.0, "--memory-budget-gb", min=0.01, help="Activation memory of one training batch."),
     base_features: int = typer.Option(16, "--base-features", min=1, help="Features of the first U-Net stage (nnU-Net: 32)."),
+    augmentation: Optional[str] = typer.Option(None, "--augmentation", help="Augmentation preset: light (default, for CPU-hour budgets), mirror, or nnunet (for ~1000 GPU epochs)."),
 ) -> None:
     """Fingerprint a dataset and write editable plans (3d and 2d configurations)."""
-    from medseg.plan import plan_dataset
+    from medseg.plan import DEFAULT_AUGMENTATION, plan_dataset
 
     plans = plan_dataset(manifest, data_root=data_root, out=out, workers=workers,
-                         memory_budget_gb=memory_budget_gb, base_features=base_features)
+                         memory_budget_gb=memory_budget_gb, base_features=base_features,
+                         augmentation=augmentation or DEFAULT_AUGMENTATION)
     for name, cfg in plans["configurations"].items():
         typer.echo(f"{name}: spacing_mm {cfg['spacing_mm']} patch {cfg['patch_size']} batch {cfg['batch_size']} "
                    f"stages {len(cfg['network']['strides'])} filters {cfg['network']['filters']}")
+    typer.echo(f"augmentation: {augmentation or DEFAULT_AUGMENTATION} {plans['augmentation']}")
     typer.echo(f"wrote {out} and {out.with_name('fingerprint.json')}")
 
 

@@ -29,6 +29,10 @@ CPU-friendly defaults (documented departures from nnU-Net, all editable in ``pla
   was 1.37 with AdamW and 1.93 with SGD (1.85 over iterations 151-200), i.e. AdamW converges much
   faster in the few thousand iterations a CPU affords. Set ``"optimizer": "sgd",
   "learning_rate": 0.01`` for nnU-Net's schedule on long GPU runs.
+* **augmentation: random flips only** (preset ``mirror``; nnU-Net adds rotation/scaling, noise,
+  blur, brightness, contrast, low resolution and gamma, preset ``nnunet``). A budget of minutes
+  underfits and augmentation slows fitting; see :data:`AUGMENTATION_PRESETS` for the measurements.
+  Choose ``nnunet`` (``medseg plan --augmentation nnunet``) for hundreds of GPU epochs.
 
 Example:
     >>> from medseg.manifest import load_manifest                                  # doctest: +SKIP
@@ -55,6 +59,9 @@ from medseg.manifest import Case, Manifest, load_manifest
 
 __all__ = [
     "PLANS_FORMAT_VERSION",
+    "AUGMENTATION_DEFAULTS",
+    "AUGMENTATION_PRESETS",
+    "DEFAULT_AUGMENTATION",
     "fingerprint_dataset",
     "make_plans",
     "plan_dataset",
@@ -65,6 +72,34 @@ __all__ = [
     "load_plans",
     "save_json",
 ]
+
+#: Probability of each training augmentation per patch in nnU-Net (made for ~1000 GPU epochs).
+#: Plans carry their own copy in an ``augmentation`` section, editable (0 switches one off).
+AUGMENTATION_DEFAULTS: dict[str, float] = {
+    "rotate_scale": 0.3,
+    "noise": 0.1,
+    "blur": 0.2,
+    "brightness": 0.15,
+    "contrast": 0.15,
+    "low_resolution": 0.25,
+    "gamma": 0.3,
+    "mirror": 0.5,
+}
+
+#: Named augmentation settings ``medseg plan --augmentation`` writes into the plans.
+#: Short budgets underfit, and augmentation is a regulariser that slows fitting: in 8-minute
+#: MSD Hippocampus runs (fold 0, 2 CPU threads, one seed each) the mean validation Dice was 0.846
+#: with ``nnunet``, 0.859 with ``light`` and 0.862 with ``mirror``; in 30-minute runs 0.870
+#: with ``nnunet`` and 0.890 / 0.893 (two runs) with ``mirror``. Use ``nnunet`` for long runs.
+AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
+    "nnunet": dict(AUGMENTATION_DEFAULTS),
+    "light": {
+        "rotate_scale": 0.1, "noise": 0.05, "blur": 0.05, "brightness": 0.1, "contrast": 0.1,
+        "low_resolution": 0.05, "gamma": 0.1, "mirror": 0.5,
+    },
+    "mirror": {**dict.fromkeys(AUGMENTATION_DEFAULTS, 0.0), "mirror": 0.5},
+}
+DEFAULT_AUGMENTATION = "mirror"
 
 PLANS_FORMAT_VERSION = 1
 _ANISOTROPY_RATIO = 3.0
@@ -344,6 +379,7 @@ def make_plans(
     max_batch_size_3d: int = 2,
     max_batch_size_2d: int = 16,
     max_stages: int = 5,
+    augmentation: str = DEFAULT_AUGMENTATION,
 ) -> dict[str, Any]:
     """Plans for a ``3d`` and a ``2d`` configuration from a fingerprint (see the module rules).
 
@@ -355,17 +391,19 @@ def make_plans(
         max_batch_size_3d: largest 3D batch (2: more updates per second on a CPU).
         max_batch_size_2d: largest 2D batch.
         max_stages: most resolution stages.
+        augmentation: a name in :data:`AUGMENTATION_PRESETS`; its probabilities are written to
+            the plans' ``augmentation`` section.
 
     Returns:
         Plain JSON plans: ``format_version``, ``dataset`` (identity), ``normalization`` (one
-        scheme per channel), ``configurations`` (``3d``, ``2d``), ``training`` (optimiser and
-        schedule defaults).
+        scheme per channel), ``augmentation`` (probability per augmentation), ``configurations``
+        (``3d``, ``2d``), ``training`` (optimiser and schedule defaults).
     """
+    if augmentation not in AUGMENTATION_PRESETS:
+        raise MedsegUserError(f"unknown augmentation preset {augmentation!r} (known: {sorted(AUGMENTATION_PRESETS)})")
     spacings = np.asarray(fingerprint["spacings_mm"], dtype=float)
     shapes = np.asarray(fingerprint["shapes"], dtype=float)
     if shapes.ndim != 2 or shapes.shape[1] != 3:
-        from medseg.errors import MedsegUserError
-
         raise MedsegUserError(
             f"{fingerprint.get('dataset', {}).get('name', 'dataset')}: the planner supports 3D volumes only; "
             f"this dataset's images have {shapes.shape[-1] if shapes.ndim == 2 else '?'} spatial axes "
@@ -422,6 +460,7 @@ def make_plans(
         "dataset": dict(fingerprint["dataset"]),
         "normalization": normalization,
         "foreground_oversample": 1.0 / 3.0,
+        "augmentation": dict(AUGMENTATION_PRESETS[augmentation]),
         "configurations": {"3d": config_3d, "2d": config_2d},
         "training": {
             "optimizer": "adamw",
@@ -504,6 +543,7 @@ def plan_dataset(
     workers: int = 2,
     memory_budget_gb: float = 8.0,
     base_features: int = 16,
+    augmentation: str = DEFAULT_AUGMENTATION,
 ) -> dict[str, Any]:
     """Fingerprint a manifest's training cases and write ``plans.json`` and ``fingerprint.json``.
 
@@ -514,13 +554,15 @@ def plan_dataset(
         workers: threads reading cases.
         memory_budget_gb: see :func:`make_plans`.
         base_features: see :func:`make_plans`.
+        augmentation: see :func:`make_plans`.
 
     Returns:
         The plans.
     """
     manifest = load_manifest(manifest_path, data_root=data_root)
     fingerprint = fingerprint_dataset(manifest, workers=workers)
-    plans = make_plans(fingerprint, memory_budget_gb=memory_budget_gb, base_features=base_features)
+    plans = make_plans(fingerprint, memory_budget_gb=memory_budget_gb, base_features=base_features,
+                       augmentation=augmentation)
     out = Path(out)
     save_json(fingerprint, out.with_name("fingerprint.json"))
     save_json(plans, out)

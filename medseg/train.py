@@ -338,7 +338,9 @@ def train_fold(
     from tqdm.auto import tqdm
 
     from medseg.networks import build_network, deep_supervision_outputs
-    from medseg.transforms import default_workers, preprocessing, training_augmentation, training_cache_transforms
+    from medseg.transforms import (
+        augmentation_probabilities, default_workers, preprocessing, training_augmentation, training_cache_transforms,
+    )
 
     start_clock = time.monotonic()
     # -- checks ---------------------------------------------------------------------------------
@@ -364,6 +366,7 @@ def train_fold(
             f"{manifest.name}: label ids {list(manifest.labels.ids)} are not 0..{manifest.labels.num_classes - 1}; "
             "a network needs contiguous ids (map them with 'label_value_map' in the manifest)"
         )
+    augmentation_probabilities(plans)  # a bad augmentation section fails now, not after caching
     cfg = plans["configurations"][config]
     settings = dict(plans.get("training", {}))
     lr0 = float(learning_rate if learning_rate is not None else settings.get("learning_rate", 0.01))
@@ -408,8 +411,8 @@ def train_fold(
     network = build_network(cfg, in_channels=len(manifest.channels), out_channels=manifest.labels.num_classes)
     network.to(torch_device)
     memory_format = torch.channels_last_3d if int(cfg["spatial_dims"]) == 3 else torch.channels_last
-    if amp:
-        network.to(memory_format=memory_format)
+    # channels-last is faster for oneDNN on the CPU (~15% per iteration here) as well as for AMP on CUDA
+    network.to(memory_format=memory_format)
     optimizer = _optimizer(network, settings, lr0)
     loss_fn = DeepSupervisionLoss(
         DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
@@ -501,8 +504,7 @@ def train_fold(
             images, labels = _batch(train_cache, augment, rng.integers(len(train_cache), size=batch),
                                     cfg=cfg, rng=rng, oversample=oversample)
             images, labels = images.to(torch_device), labels.to(torch_device)
-            if amp:
-                images = images.contiguous(memory_format=memory_format)
+            images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=torch_device.type, dtype=torch.float16, enabled=amp):
                 outputs = deep_supervision_outputs(network(images), spatial_dims=int(cfg["spatial_dims"]))

@@ -52,6 +52,7 @@ from monai.transforms import (
 
 from medseg.errors import MedsegUserError
 from medseg.io import read_channels, read_volume
+from medseg.plan import AUGMENTATION_DEFAULTS
 from medseg.volume import Volume
 
 __all__ = [
@@ -60,6 +61,8 @@ __all__ = [
     "preprocessing",
     "training_cache_transforms",
     "training_augmentation",
+    "augmentation_probabilities",
+    "AUGMENTATION_DEFAULTS",
     "inference_transforms",
     "invert_prediction",
     "volume_to_metatensor",
@@ -208,17 +211,36 @@ def training_cache_transforms(plans: Mapping[str, Any], config: str = "3d") -> C
     )
 
 
+def augmentation_probabilities(plans: Mapping[str, Any]) -> dict[str, float]:
+    """The plans' augmentation probabilities over :data:`AUGMENTATION_DEFAULTS`, validated."""
+    given = plans.get("augmentation") or {}
+    if not isinstance(given, Mapping):
+        raise MedsegUserError("plans: 'augmentation' must be an object of probabilities")
+    unknown = sorted(set(given) - set(AUGMENTATION_DEFAULTS))
+    if unknown:
+        raise MedsegUserError(
+            f"plans: unknown augmentation {unknown} (known: {sorted(AUGMENTATION_DEFAULTS)})"
+        )
+    probabilities = {**AUGMENTATION_DEFAULTS, **given}
+    for name, value in probabilities.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+            raise MedsegUserError(f"plans: augmentation.{name} must be a probability in [0, 1], got {value!r}")
+    return {name: float(value) for name, value in probabilities.items()}
+
+
 def training_augmentation(plans: Mapping[str, Any], config: str = "3d", *, seed: int = 0) -> Compose:
     """Random patch sampling and augmentation over a cached, preprocessed case.
 
     The input holds ``image``, ``label`` (and, in 3D, ``label_fg_indices`` / ``label_bg_indices``);
     in 2D the input is already a 2D slice. Returns one patch dict (the crop returns a list of one,
-    which the caller unpacks). Probabilities follow nnU-Net's defaults.
+    which the caller unpacks). Probabilities come from :func:`augmentation_probabilities`
+    (nnU-Net's defaults unless the plans say otherwise); ranges follow nnU-Net.
     """
     cfg = _config(plans, config)
     dims = int(cfg["spatial_dims"])
     patch = list(cfg["patch_size"])
     oversample = float(plans.get("foreground_oversample", 1.0 / 3.0))
+    p = augmentation_probabilities(plans)
     keys = ["image", "label"]
     crop_kwargs: dict[str, Any] = {}
     if dims == 3:
@@ -237,23 +259,24 @@ def training_augmentation(plans: Mapping[str, Any], config: str = "3d", *, seed:
         ),
         RandAffined(
             keys,
-            prob=0.3,
+            prob=p["rotate_scale"],
             rotate_range=(rotate,) * (3 if dims == 3 else 1),
             scale_range=(0.25,) * dims,
             mode=("bilinear", "nearest"),
             padding_mode="zeros",
             spatial_size=patch,
         ),
-        RandGaussianNoised("image", prob=0.1, std=0.1),
-        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-        RandScaleIntensityd("image", factors=0.25, prob=0.15),
-        RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
+        RandGaussianNoised("image", prob=p["noise"], std=0.1),
+        RandGaussianSmoothd("image", prob=p["blur"], sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd("image", factors=0.25, prob=p["brightness"]),
+        RandScaleIntensityFixedMeand("image", factors=0.25, prob=p["contrast"], preserve_range=True),
         RandSimulateLowResolutiond(
-            "image", prob=0.25, zoom_range=(0.5, 1.0), upsample_mode="trilinear" if dims == 3 else "bilinear"
+            "image", prob=p["low_resolution"], zoom_range=(0.5, 1.0),
+            upsample_mode="trilinear" if dims == 3 else "bilinear",
         ),
-        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+        RandAdjustContrastd("image", prob=p["gamma"], gamma=(0.7, 1.5), retain_stats=True),
     ]
-    transforms += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(dims)]
+    transforms += [RandFlipd(keys, prob=p["mirror"], spatial_axis=axis) for axis in range(dims)]
     chain = Compose(transforms)
     chain.set_random_state(seed=seed)
     return chain

@@ -11,6 +11,9 @@ from conftest import SHARED_DATA, make_dataset
 from medseg.errors import LabelValueError, MedsegUserError
 from medseg.manifest import load_manifest
 from medseg.plan import (
+    AUGMENTATION_DEFAULTS,
+    AUGMENTATION_PRESETS,
+    DEFAULT_AUGMENTATION,
     check_plans_match,
     fingerprint_dataset,
     load_plans,
@@ -150,3 +153,19 @@ def test_2d_datasets_are_refused_clearly() -> None:
     fingerprint["shapes"] = [[565, 584]] * 2
     with pytest.raises(MedsegUserError, match="3D volumes only"):
         make_plans(fingerprint)
+
+
+def test_augmentation_presets_are_written_into_the_plans(tmp_path) -> None:
+    from medseg.cli import main
+
+    fingerprint = _fingerprint([[1, 1, 1]] * 2, [[32, 32, 32]] * 2)
+    assert make_plans(fingerprint)["augmentation"] == AUGMENTATION_PRESETS[DEFAULT_AUGMENTATION]
+    assert make_plans(fingerprint, augmentation="nnunet")["augmentation"] == AUGMENTATION_DEFAULTS
+    assert make_plans(fingerprint, augmentation="mirror")["augmentation"]["rotate_scale"] == 0.0
+    with pytest.raises(MedsegUserError, match="unknown augmentation preset 'heavy'"):
+        make_plans(fingerprint, augmentation="heavy")
+    manifest = make_dataset(tmp_path / "data", num_cases=2)
+    out = tmp_path / "plans.json"
+    assert main(["plan", str(manifest), "--out", str(out), "--augmentation", "nnunet"]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["augmentation"] == AUGMENTATION_DEFAULTS
+    assert main(["plan", str(manifest), "--out", str(out), "--augmentation", "heavy"]) == 2

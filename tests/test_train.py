@@ -130,6 +130,9 @@ def test_user_errors(dataset, tmp_path) -> None:
         train(manifest, plans=plans, out_dir=tmp_path / "c", epochs=1, **SMALL)
     with pytest.raises(CheckpointError):
         train(manifest, plans=plans, out_dir=tmp_path / "d", epochs=1, resume=True, **SMALL)
+    with pytest.raises(MedsegUserError, match="augmentation.mirror must be a probability"):
+        train(manifest, plans={**plans, "augmentation": {"mirror": 2}}, out_dir=tmp_path / "e", epochs=1, **SMALL)
+    assert not (tmp_path / "e").exists()
 
 
 def test_labels_disagreeing_with_the_manifest(tmp_path) -> None:

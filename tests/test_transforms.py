@@ -8,9 +8,12 @@ import torch
 
 from conftest import oblique_affine
 from medseg.io import read_volume, write_volume
+from medseg.errors import MedsegUserError
 from medseg.transforms import (
+    AUGMENTATION_DEFAULTS,
     LoadVolumed,
     NormalizeChannelsd,
+    augmentation_probabilities,
     inference_transforms,
     invert_prediction,
     metatensor_to_volume,
@@ -117,3 +120,31 @@ def test_2d_augmentation_works_on_slices() -> None:
     data = {"image": torch.randn(1, 20, 18), "label": (torch.rand(1, 20, 18) > 0.7).float()}
     out = augment(data)[0]
     assert tuple(out["image"].shape) == (1, 16, 16)
+
+
+def test_augmentation_probabilities_come_from_the_plans() -> None:
+    plans = _plans((1.0, 1.0, 2.0))
+    assert augmentation_probabilities(plans) == AUGMENTATION_DEFAULTS
+    assert augmentation_probabilities({**plans, "augmentation": {"noise": 0}})["noise"] == 0.0
+    for bad, message in [
+        ({"rotation": 0.2}, "unknown augmentation"),
+        ({"noise": 1.5}, "augmentation.noise must be a probability"),
+        ({"gamma": "often"}, "augmentation.gamma must be a probability"),
+        ([0.1], "must be an object"),
+    ]:
+        with pytest.raises(MedsegUserError, match=message):
+            augmentation_probabilities({**plans, "augmentation": bad})
+
+
+def test_switched_off_augmentation_leaves_the_patch_as_cropped() -> None:
+    image, label = _phantom(np.diag([1.0, 1.0, 2.0, 1.0]))  # non-zero box 22 x 20 x 8
+    plans = {**_plans((1.0, 1.0, 2.0), patch=(24, 20, 8)), "augmentation": dict.fromkeys(AUGMENTATION_DEFAULTS, 0.0)}
+    cached = training_cache_transforms(plans)({"image": image, "label": label})
+    cached = {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in cached.items()}
+    cached["label"] = cached["label"].float()
+    assert tuple(cached["image"].shape) == (1, 24, 20, 8)
+    for seed in range(3):
+        out = training_augmentation(plans, seed=seed)(dict(cached))[0]
+        # the patch is the whole (already patch-sized) case, untouched
+        assert torch.equal(torch.as_tensor(out["image"]), cached["image"])
+        assert torch.equal(torch.as_tensor(out["label"]), cached["label"])
