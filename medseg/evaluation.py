@@ -38,6 +38,7 @@ from medseg.io import (
     NIFTI_SUFFIXES,
     atomic_path,
     check_same_grid,
+    read_json,
     read_volume,
     strip_volume_suffix,
     volume_suffix,
@@ -338,14 +339,7 @@ def _load_labels_manifest(path: Path) -> Manifest:
     from medseg.manifest import manifest_from_dict
     from medseg.errors import ManifestError
 
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: manifest not found") from None
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}: invalid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path}: cannot read manifest ({error})") from None
+    content = read_json(path, what="manifest", error=ManifestError)
     if not isinstance(content, dict):
         raise ManifestError(f"{path}: the top level must be a JSON object")
     # Only the label-related keys matter here: the cases may not exist under any data root.

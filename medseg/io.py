@@ -28,6 +28,7 @@ target only once it is complete, so no half-written output is ever left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from medseg.errors import GeometryMismatchError, InvalidFileError, LabelValueError
+from medseg.errors import GeometryMismatchError, InvalidFileError, LabelValueError, MedsegUserError
 from medseg.volume import Volume, VolumeKind
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "read_channels",
     "write_volume",
     "atomic_path",
+    "read_json",
     "check_same_grid",
     "as_label_array",
     "from_sitk",
@@ -351,6 +353,24 @@ def to_sitk(volume: Volume, *, channel: int | None = None):
     image.SetDirection([float(d) for d in (linear / spacing).ravel()])
     image.SetOrigin([float(o) for o in affine_lps[:dim, 3]])
     return image
+
+
+def read_json(path: str | os.PathLike[str], *, what: str,
+              error: type[MedsegUserError] = MedsegUserError) -> object:
+    """Parse a JSON file; any failure is one ``error`` naming the file and ``what`` it should be.
+
+    Messages: ``"<path>: <what> not found"``, ``"<path>: invalid JSON (line L, column C: ...)"``,
+    ``"<path>: cannot read <what> (<reason>)"``.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as problem:
+        raise error(f"{path}: invalid JSON (line {problem.lineno}, column {problem.colno}: {problem.msg})") from None
+    except (OSError, UnicodeDecodeError) as problem:
+        raise error(f"{path}: cannot read {what} ({problem})") from None
 
 
 # ---------------------------------------------------------------------------------------------

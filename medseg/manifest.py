@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from medseg.errors import ManifestError
-from medseg.io import read_channels, read_volume, strip_volume_suffix
+from medseg.io import read_channels, read_json, read_volume, strip_volume_suffix
 from medseg.labels import LabelSet
 from medseg.volume import Volume
 
@@ -213,14 +212,7 @@ def load_manifest(
         path = path / "dataset.json"
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ManifestError(
-            f"{path}: invalid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path}: cannot read ({error})") from None
+    content = read_json(path, what="manifest", error=ManifestError)
     root = Path(data_root) if data_root is not None else path.parent
     if not root.is_dir():
         raise ManifestError(f"{root}: data root is not a folder")

@@ -54,7 +54,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from medseg.errors import LabelValueError, ManifestError, MedsegUserError
-from medseg.io import atomic_path
+from medseg.io import atomic_path, read_json
 from medseg.manifest import Case, Manifest, load_manifest
 
 __all__ = [
@@ -524,12 +524,7 @@ def save_json(content: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 def load_plans(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a plans JSON file, with a :class:`MedsegUserError` naming the file when it is invalid."""
     path = Path(path)
-    try:
-        plans = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedsegUserError(f"{path}: plans file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedsegUserError(f"{path}: cannot read plans ({error})") from None
+    plans = read_json(path, what="plans file")
     if not isinstance(plans, dict) or "configurations" not in plans:
         raise MedsegUserError(f"{path}: not a medseg plans file (no 'configurations')")
     return plans

@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegUserError
-from medseg.io import atomic_path
+from medseg.io import atomic_path, read_json
 from medseg.labels import LabelSet
 from medseg.volume import Volume
 
@@ -288,12 +288,7 @@ def load_postprocessing(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / POSTPROCESSING_FILE
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedsegUserError(f"{path}: postprocessing file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedsegUserError(f"{path}: cannot read postprocessing rules ({error})") from None
+    content = read_json(path, what="postprocessing file")
     if not isinstance(content, dict) or not isinstance(content.get("rules"), dict):
         raise MedsegUserError(f"{path}: not a medseg postprocessing file (no 'rules')")
     if int(content.get("format_version", 0)) > POSTPROCESSING_FORMAT_VERSION:

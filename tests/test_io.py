@@ -256,3 +256,20 @@ def test_boolean_label_volume_becomes_uint8(tmp_path: Path) -> None:
     assert mask.array.dtype == np.uint8
     back = read_volume(write_volume(mask, tmp_path / "mask.nrrd"), kind="label")
     np.testing.assert_array_equal(back.array, mask.array)
+
+
+def test_read_json_names_the_file_and_the_problem(tmp_path) -> None:
+    from medseg.errors import ManifestError, MedsegUserError
+    from medseg.io import read_json
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}', encoding="utf-8")
+    assert read_json(good, what="plans file") == {"a": [1, 2]}
+    with pytest.raises(MedsegUserError, match=r"missing\.json: plans file not found"):
+        read_json(tmp_path / "missing.json", what="plans file")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a": \n', encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"broken\.json: invalid JSON \(line 2"):
+        read_json(broken, what="manifest", error=ManifestError)
+    with pytest.raises(MedsegUserError, match=r": cannot read manifest \("):
+        read_json(tmp_path, what="manifest")  # a folder

@@ -420,7 +420,6 @@ def lesion_metrics(
 
     table = _instance_table(ref, pred, probabilities=probs)
     match = _matching(table, criterion=criterion, iou_threshold=iou_threshold)
-    n_ref, n_pred = len(table.ref_ids), len(table.pred_ids)
 
     scores: np.ndarray | None = None
     if probs is not None and table.pred_score_sums is not None:
