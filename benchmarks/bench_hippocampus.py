@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medseg.manifest import load_manifest
-    from medseg.plan import fingerprint_dataset, load_plans, make_plans, save_json
-    from medseg.train import train
+    from medseg.data.manifest import load_manifest
+    from medseg.io.files import write_json as save_json
+    from medseg.planning import fingerprint_dataset, load_plans, make_plans
+    from medseg.training import train
 
     torch.set_num_threads(args.threads)
     manifest = load_manifest(args.manifest, data_root=args.data_root)

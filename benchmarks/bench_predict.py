@@ -39,8 +39,8 @@ def _peak_rss_mb() -> float:
 
 
 def _hippocampus_plans(data_root: str) -> tuple[dict, list]:
-    from medseg.manifest import load_manifest
-    from medseg.plan import fingerprint_dataset, make_plans
+    from medseg.data.manifest import load_manifest
+    from medseg.planning import fingerprint_dataset, make_plans
 
     manifest = load_manifest(ROOT / "data_manifests" / "msd_hippocampus.json", data_root=data_root)
     cases = [c for c in manifest.labelled_cases if c.subset == "training"]
@@ -52,8 +52,8 @@ def _segmenter(plans: dict, *, tta: bool, overlap: float, model: str | None):
     import torch
 
     from medseg.inference import Segmenter
-    from medseg.labels import LabelSet
-    from medseg.networks import build_network
+    from medseg.core.labels import LabelSet
+    from medseg.model.networks import build_network
 
     if model:
         return Segmenter.from_checkpoint(model, device="cpu", tta=tta, overlap=overlap)
@@ -100,8 +100,8 @@ def synthetic_ct(shape, spacing):
 
 
 def child_ct(args: argparse.Namespace) -> dict:
-    from medseg.plan import _filters, network_topology
-    from medseg.volume import Volume
+    from medseg.planning.rules import _filters, network_topology
+    from medseg.core.volume import Volume
 
     array, affine = synthetic_ct(args.ct_shape, args.ct_spacing)
     volume = Volume(array, affine)

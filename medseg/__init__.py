@@ -12,35 +12,41 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+#: the one version source: pyproject.toml reads it (``[tool.setuptools.dynamic]``), and so do
+#: checkpoints, evaluation caches and prediction records
 __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
-    "Volume": "medseg.volume",
-    "read_volume": "medseg.io",
-    "read_channels": "medseg.io",
-    "write_volume": "medseg.io",
-    "LabelSet": "medseg.labels",
-    "Manifest": "medseg.manifest",
-    "Case": "medseg.manifest",
-    "load_manifest": "medseg.manifest",
-    "check_manifest": "medseg.check",
+    "Volume": "medseg.core.volume",
+    "read_volume": "medseg.io.volumes",
+    "read_channels": "medseg.io.volumes",
+    "write_volume": "medseg.io.volumes",
+    "LabelSet": "medseg.core.labels",
+    "Manifest": "medseg.data.manifest",
+    "Case": "medseg.data.manifest",
+    "load_manifest": "medseg.data.manifest",
+    "check_manifest": "medseg.data.check",
     "MedsegUserError": "medseg.errors",
-    "environment_report": "medseg.environment",
-    "evaluate": "medseg.evaluation",
-    "evaluate_pair": "medseg.evaluation",
-    "Evaluation": "medseg.evaluation",
-    "EvaluationSettings": "medseg.evaluation",
-    "summarize": "medseg.report",
-    "write_outputs": "medseg.report",
-    "write_report": "medseg.report",
-    "resample_to": "medseg.resample",
-    "majority_vote": "medseg.consensus",
-    "staple": "medseg.consensus",
-    "Segmenter": "medseg.inference",
-    "predict_batch": "medseg.predict",
-    "run_demo": "medseg.demo",
-    "determine_postprocessing": "medseg.postprocess",
+    "environment_report": "medseg.apps.environment",
+    "evaluate": "medseg.evaluation.batch",
+    "evaluate_pair": "medseg.evaluation.case",
+    "Evaluation": "medseg.evaluation.batch",
+    "EvaluationSettings": "medseg.evaluation.case",
+    "summarize": "medseg.evaluation.summary",
+    "write_outputs": "medseg.evaluation.report",
+    "write_report": "medseg.evaluation.report",
+    "resample_to": "medseg.core.resample",
+    "majority_vote": "medseg.evaluation.raters",
+    "staple": "medseg.evaluation.raters",
+    "Segmenter": "medseg.inference.segmenter",
+    "predict_batch": "medseg.inference.batch",
+    "run_demo": "medseg.apps.demo",
+    "determine_postprocessing": "medseg.inference.postprocess",
+    "plan_dataset": "medseg.planning.plans",
+    "load_plans": "medseg.planning.plans",
+    "train": "medseg.training.loop",
+    "TrainOptions": "medseg.training.options",
 }
 
 __all__ = ["__version__", *_LAZY]

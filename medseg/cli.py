@@ -3,9 +3,10 @@
 Each verb parses its options, calls one API function and prints the result. Imports happen
 inside the verbs so ``medseg --help`` and ``medseg check`` start fast and never load torch.
 
-User errors (:class:`~medseg.errors.MedsegUserError`: a bad file, manifest or option) print one
-line ``medseg: error: ...`` and exit with status 2; ``--debug`` shows the traceback too. Any other
-exception is a bug and keeps its traceback.
+User errors (:class:`~medseg.errors.MedsegUserError`: a bad file, manifest or option; an
+``OSError`` such as a read-only or full output folder; running out of CUDA or host memory) print
+one line ``medseg: error: ...`` naming the file or option and exit with status 2; ``--debug``
+shows the traceback too. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _root(
 @app.command()
 def info() -> None:
     """Versions of medseg and its libraries, the compute device, and optional extras."""
-    from medseg.environment import environment_report
+    from medseg.apps.environment import environment_report
 
     for key, value in environment_report().items():
         typer.echo(f"{key:<18} {value}")
@@ -58,8 +59,8 @@ def check(
     workers: int = typer.Option(2, "--workers", min=1, help="Parallel readers."),
 ) -> None:
     """Validate every case of a manifest; exit 0 only when all is well."""
-    from medseg.check import check_manifest
-    from medseg.manifest import load_manifest
+    from medseg.data.check import check_manifest
+    from medseg.data.manifest import load_manifest
 
     loaded = load_manifest(manifest, data_root=data_root)
     report = check_manifest(
@@ -93,8 +94,9 @@ def evaluate(
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
 ) -> None:
     """Evaluate predictions against references: per_case.csv, summary.json, report.html."""
-    from medseg.evaluation import evaluate as run_evaluation
-    from medseg.report import summarize, write_outputs
+    from medseg.evaluation.batch import evaluate as run_evaluation
+    from medseg.evaluation.report import write_outputs
+    from medseg.evaluation.summary import summarize
 
     evaluation = run_evaluation(
         reference, prediction, labels=labels, data_root=data_root, probabilities=probabilities,
@@ -131,7 +133,8 @@ def plan(
     augmentation: Optional[str] = typer.Option(None, "--augmentation", help="Augmentation preset: light (default, for CPU-hour budgets), mirror, or nnunet (for ~1000 GPU epochs)."),
 ) -> None:
     """Fingerprint a dataset and write editable plans (3d and 2d configurations)."""
-    from medseg.plan import DEFAULT_AUGMENTATION, plan_dataset
+    from medseg.planning.plans import plan_dataset
+    from medseg.planning.presets import DEFAULT_AUGMENTATION
 
     plans = plan_dataset(manifest, data_root=data_root, out=out, workers=workers,
                          memory_budget_gb=memory_budget_gb, base_features=base_features,
@@ -160,7 +163,7 @@ def train(
     postprocessing: bool = typer.Option(True, "--postprocessing/--no-postprocessing", help="Afterwards, choose keep-largest / remove-small rules on the validation cases (kept only where they raise Dice)."),
 ) -> None:
     """Train a planned U-Net on one fold (or all), with validation and checkpoints."""
-    from medseg.train import train as train_model
+    from medseg.training.loop import train as train_model
 
     result = train_model(manifest, data_root=data_root, plans=plans, config=config, fold=fold, out_dir=out,
                          epochs=epochs, time_limit_min=time_limit_min, device=device, resume=resume, seed=seed,
@@ -170,7 +173,7 @@ def train(
         dice = ", ".join(f"{k} {v:.4f}" for k, v in run["final_dice"].items())
         typer.echo(f"fold {run['fold']}: {run['epochs']} epochs, {run['elapsed_s']:.0f} s; validation Dice: {dice}; {run['out_dir']}")
     if postprocessing:
-        from medseg.postprocess import determine_postprocessing_for_runs
+        from medseg.inference.crossval import determine_postprocessing_for_runs
 
         rules = determine_postprocessing_for_runs([r["out_dir"] for r in runs], manifest=manifest, data_root=data_root,
                                                   device=device, progress=sys.stderr.isatty())
@@ -189,11 +192,11 @@ def predict(
     overlap: float = typer.Option(0.5, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap fraction."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.nii.gz."),
     watershed: bool = typer.Option(False, "--watershed", help="Split touching instances of thing structures."),
-    checkpoint: str = typer.Option("best", "--checkpoint", help="Checkpoint of run folders: best or last."),
+    checkpoint: str = typer.Option("last", "--checkpoint", help="Checkpoint of run folders: last (default) or best (chosen on the run's own validation cases, so optimistic there)."),
     no_postprocessing: bool = typer.Option(False, "--no-postprocessing", help="Ignore the run's postprocessing.json."),
 ) -> None:
     """Segment images with a trained model or fold ensemble, in each input's exact geometry."""
-    from medseg.predict import predict_batch
+    from medseg.inference.batch import predict_batch
 
     result = predict_batch(
         model[0] if len(model) == 1 else model, input, output, data_root=data_root, subset=subset, device=device,
@@ -221,7 +224,7 @@ def demo(
     threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0: one per core)."),
 ) -> None:
     """Synthetic (or your) data -> plan -> train briefly -> predict held-out cases -> evaluate -> report.html."""
-    from medseg.demo import run_demo
+    from medseg.apps.demo import run_demo
     from medseg.errors import MedsegUserError
 
     if data_root is not None and manifest is None:
@@ -231,6 +234,27 @@ def demo(
     typer.echo(f"held-out Dice ({result.num_heldout} cases): "
                + ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items()))
     typer.echo(f"report: {result.report}")
+
+
+def _user_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback).
+
+    User errors: :class:`~medseg.errors.MedsegUserError`; an ``OSError`` (read-only or full output
+    folder, permission denied, missing file), named by its file; running out of memory (CUDA or
+    host), with what to try instead.
+    """
+    from medseg.errors import MedsegUserError
+
+    if isinstance(error, MedsegUserError):
+        return str(error)
+    if isinstance(error, OSError):
+        where = error.filename if error.filename is not None else "file system"
+        return f"{where}: {error.strerror or error}"
+    if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return (f"out of memory ({type(error).__name__}{': ' + first[:160] if first else ''}); "
+                "try --device cpu, fewer --workers or a smaller --overlap")
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -243,13 +267,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         code = done.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except Exception as error:  # noqa: BLE001 - the boundary between user errors and bugs
-        from medseg.errors import MedsegUserError
-
-        if not isinstance(error, MedsegUserError):
+        message = _user_error_message(error)
+        if message is None:
             raise
         if debug:
             traceback.print_exc()
-        typer.echo(f"medseg: error: {error}", err=True)
+        typer.echo(f"medseg: error: {message}", err=True)
         return EXIT_USER_ERROR
     return 0
 

@@ -15,6 +15,7 @@ __all__ = [
     "LabelValueError",
     "ManifestError",
     "CheckpointError",
+    "OutputError",
 ]
 
 
@@ -40,3 +41,7 @@ class ManifestError(MedsegUserError):
 
 class CheckpointError(MedsegUserError):
     """A checkpoint is not a medseg checkpoint, is truncated, or comes from a newer format."""
+
+
+class OutputError(MedsegUserError):
+    """An output cannot be written (read-only folder, full disk, permission denied)."""

@@ -74,7 +74,7 @@ def make_dataset(root: Path, *, num_cases: int = 3, shape=(8, 9, 7), labels=None
     import json
 
     from medseg.io import write_volume
-    from medseg.volume import Volume
+    from medseg.core.volume import Volume
 
     rng = np.random.default_rng(1)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)

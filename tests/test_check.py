@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.check import check_manifest
+from medseg.data.check import check_manifest
 from medseg.cli import main
-from medseg.manifest import load_manifest
+from medseg.data.manifest import load_manifest
 
 from conftest import make_dataset
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from medseg.cli import main
-from medseg.demo import make_synthetic_dataset
+from medseg.apps.demo import make_synthetic_dataset
 
 
 def test_plan_train_predict_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medseg.demo import make_synthetic_case, make_synthetic_dataset
+from medseg.apps.demo import make_synthetic_case, make_synthetic_dataset
 from medseg.errors import MedsegUserError
 
 
@@ -36,7 +36,7 @@ def test_synthetic_case_has_two_adjacent_structures_bias_and_noise():
 
 
 def test_synthetic_dataset_is_a_valid_manifest(tmp_path):
-    from medseg.manifest import load_manifest
+    from medseg.data.manifest import load_manifest
 
     path = make_synthetic_dataset(tmp_path, num_training=3, num_test=2, shape=(20, 24, 20))
     manifest = load_manifest(path)
@@ -48,7 +48,7 @@ def test_synthetic_dataset_is_a_valid_manifest(tmp_path):
 
 
 def test_demo_runs_the_whole_pipeline_on_a_tiny_budget(tmp_path, restore_torch_threads):
-    from medseg.demo import run_demo
+    from medseg.apps.demo import run_demo
 
     messages: list[str] = []
     result = run_demo(tmp_path / "demo", train_minutes=0.1, num_training=5, num_test=2, shape=(24, 28, 24),

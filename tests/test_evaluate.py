@@ -14,9 +14,9 @@ from medseg.cli import main
 from medseg.evaluation import PER_CASE_COLUMNS, EvaluationSettings, evaluate, evaluate_pair
 from medseg.errors import GeometryMismatchError, LabelValueError
 from medseg.io import write_volume
-from medseg.labels import LabelSet
-from medseg.report import summarize, write_outputs
-from medseg.volume import Volume
+from medseg.core.labels import LabelSet
+from medseg.evaluation import summarize, write_outputs
+from medseg.core.volume import Volume
 
 LABELS = LabelSet.from_manifest({"0": "background", "1": "a", "2": "b"}, regions={"ab": [1, 2]})
 

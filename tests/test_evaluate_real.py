@@ -17,7 +17,7 @@ from scipy import ndimage
 from medseg.cli import main
 from medseg.evaluation import evaluate
 from medseg.io import read_volume, write_volume
-from medseg.manifest import load_manifest
+from medseg.data.manifest import load_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "data_manifests"
 pytestmark = pytest.mark.shared_data

@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 from conftest import oblique_affine  # noqa: E402
 
 from medseg.errors import CheckpointError, MedsegUserError  # noqa: E402
-from medseg.labels import LabelSet  # noqa: E402
-from medseg.volume import Volume  # noqa: E402
+from medseg.core.labels import LabelSet  # noqa: E402
+from medseg.core.volume import Volume  # noqa: E402
 
 LABELS = {"0": "background", "1": "a", "2": "b"}
 
@@ -42,19 +42,21 @@ def tiny_plans(*, spacing=(1.0, 1.0, 1.5), channels=("MRI",)) -> dict:
 
 def write_checkpoint(run_dir: Path, *, plans: dict | None = None, config: str = "3d", seed: int = 0,
                      labels: dict | None = None, things=()) -> Path:
-    """A run folder with checkpoint_best.pt holding a randomly initialised tiny network."""
+    """A run folder with checkpoint_last.pt and checkpoint_best.pt holding a randomly initialised tiny network."""
     import json
 
-    from medseg.checkpoint import save_checkpoint
-    from medseg.networks import build_network
+    from medseg.model.checkpoint import save_checkpoint
+    from medseg.model.networks import build_network
 
     plans = plans or tiny_plans()
     label_set = LabelSet.from_manifest(labels or LABELS)
     torch.manual_seed(seed)
     network = build_network(plans["configurations"][config], in_channels=len(plans["normalization"]),
                             out_channels=label_set.num_classes)
-    path = save_checkpoint({"model": network.state_dict(), "plans": plans, "config": config,
-                            "labels": label_set.to_json(), "channels": ["MRI"]}, run_dir / "checkpoint_best.pt")
+    content = {"model": network.state_dict(), "plans": plans, "config": config, "labels": label_set.to_json(),
+               "channels": ["MRI"]}
+    save_checkpoint(content, run_dir / "checkpoint_best.pt")
+    path = save_checkpoint(content, run_dir / "checkpoint_last.pt")
     (run_dir / "resolved_config.json").write_text(json.dumps({"manifest": {"things": list(things)}}))
     return path
 
@@ -113,7 +115,7 @@ def test_prediction_has_input_shape_and_affine_oblique_anisotropic(tmp_path):
 @pytest.mark.parametrize("spacing", [(0.7, 1.1, 3.0), (1.3, 0.6, 2.2)])
 def test_probabilities_land_on_the_input_grid(spacing):
     """A network whose output is a function of intensity must give back that function, voxel by voxel."""
-    from medseg.transforms import inference_transforms, invert_prediction
+    from medseg.model.transforms import inference_transforms, invert_prediction
 
     seg = segmenter(IntensityNet())
     affine = oblique_affine(spacing_mm=spacing)
@@ -137,7 +139,7 @@ def test_no_interpolation_when_grids_coincide():
     seg = segmenter(IntensityNet())
     image, _ = smooth_volume(np.diag([1.0, 1.0, 1.5, 1.0]), shape=(20, 18, 17))
     probabilities = seg.predict_probabilities(image)
-    from medseg.transforms import inference_transforms
+    from medseg.model.transforms import inference_transforms
 
     data = inference_transforms(seg.plans, "3d")({"image": image})
     direct = seg._ensemble_probabilities(data["image"].as_tensor().float()).numpy()
@@ -145,22 +147,24 @@ def test_no_interpolation_when_grids_coincide():
 
 
 @pytest.mark.parametrize("config", ["3d", "2d"])
-def test_sliding_window_matches_the_validation_path(config):
-    """Inference stitches like medseg.sliding (which training validation uses)."""
-    from medseg.networks import build_network
-    from medseg.sliding import predict_probabilities
-    from medseg.transforms import inference_transforms
+@pytest.mark.parametrize("tta", [False, True])
+def test_prediction_and_validation_share_one_engine(config, tta):
+    """Prediction's probabilities are the softmax of the engine's logits that validation argmaxes."""
+    from medseg.model.networks import build_network
+    from medseg.model.transforms import inference_transforms
+    from medseg.model.windows import sliding_window_logits
 
     plans = tiny_plans()
     torch.manual_seed(1)
     network = build_network(plans["configurations"][config], in_channels=1, out_channels=3)
-    seg = segmenter(network, plans=plans, config=config)
+    seg = segmenter(network, plans=plans, config=config, tta=tta)
     image = Volume(np.random.default_rng(2).normal(size=(1, 30, 25, 12)).astype(np.float32), oblique_affine())
     data = inference_transforms(plans, config)({"image": image})
     ours = seg._ensemble_probabilities(data["image"].as_tensor().float())
-    theirs = predict_probabilities(network, data["image"], plans_config=plans["configurations"][config], overlap=0.5)
-    assert ours.shape == theirs.shape
-    assert float((ours - theirs).abs().max()) < 1e-5
+    logits = sliding_window_logits(network, data["image"], plans_config=plans["configurations"][config],
+                                   num_classes=3, overlap=0.5, mirror=tta, sw_batch_size=seg.sw_batch_size)
+    assert ours.shape == logits.shape
+    assert float((ours - torch.softmax(logits, 0)).abs().max()) < 1e-5
 
 
 def test_2d_model_slice_by_slice_on_a_3d_volume(tmp_path):
@@ -217,7 +221,7 @@ def test_prediction_is_deterministic(tmp_path):
 
 
 def test_mirroring_tta_makes_prediction_flip_equivariant():
-    from medseg.networks import build_network
+    from medseg.model.networks import build_network
 
     plans = tiny_plans(spacing=(1.0, 1.0, 1.0))
     torch.manual_seed(7)
@@ -236,7 +240,8 @@ def test_mirroring_tta_makes_prediction_flip_equivariant():
 
 
 def test_fold_ensemble_is_the_mean_of_fold_softmaxes(tmp_path):
-    from medseg.inference import Segmenter, resolve_checkpoints
+    from medseg.inference import Segmenter
+    from medseg.model.checkpoint import resolve_checkpoints
 
     write_checkpoint(tmp_path / "model" / "fold_0", seed=0)
     write_checkpoint(tmp_path / "model" / "fold_1", seed=1)
@@ -263,7 +268,7 @@ def test_folds_with_different_plans_are_refused(tmp_path):
 # bad inputs
 # ---------------------------------------------------------------------------------------------
 def test_bad_checkpoints_give_clear_errors(tmp_path):
-    from medseg.checkpoint import save_checkpoint
+    from medseg.model.checkpoint import save_checkpoint
     from medseg.inference import Segmenter
 
     good = write_checkpoint(tmp_path / "run")
@@ -275,7 +280,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
                             tmp_path / "newer.pt")
     for path, pattern in ((not_a_checkpoint, "not a readable checkpoint"), (truncated, "not a readable checkpoint"),
                           (newer, "newer"), (tmp_path / "missing.pt", "not found"),
-                          (tmp_path / "empty_dir", "checkpoint_best.pt")):
+                          (tmp_path / "empty_dir", "checkpoint_last.pt")):
         if path.name == "empty_dir":
             path.mkdir()
         with pytest.raises(CheckpointError, match=pattern) as caught:

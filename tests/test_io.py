@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medseg.errors import InvalidFileError, LabelValueError
-from medseg.io import as_label_array, read_channels, read_volume, strip_volume_suffix, to_sitk, write_volume
-from medseg.volume import Volume
+from medseg.errors import InvalidFileError, LabelValueError, OutputError
+from medseg.core.itk import to_sitk
+from medseg.core.labels import as_label_array
+from medseg.io import read_channels, read_volume, strip_volume_suffix, write_volume
+from medseg.core.volume import Volume
 
 from conftest import oblique_affine
 
@@ -230,7 +232,7 @@ def test_write_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(nib, "save", disk_full)
-    with pytest.raises(InvalidFileError, match=r"out\.nii\.gz: cannot write \(No space left on device\)"):
+    with pytest.raises(OutputError, match=r"out\.nii\.gz: cannot write \(No space left on device\)"):
         write_volume(_label(), target)
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.nii.gz"]  # no temporary file left behind

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from medseg.errors import ManifestError
-from medseg.labels import LabelSet
+from medseg.core.labels import LabelSet
 
 
 def test_msd_and_nnunet_styles_agree() -> None:

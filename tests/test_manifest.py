@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import ManifestError
-from medseg.manifest import kfold_split, load_manifest
+from medseg.data import kfold_split, load_manifest
 
 from conftest import make_dataset
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medseg.metrics import surface as surface_module
+from medseg.metrics import surface_search as surface_module
 from medseg.metrics.surface import (
     SURFACE_KEYS,
     mask_boundary,

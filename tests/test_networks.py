@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medseg.errors import MedsegUserError
-from medseg.networks import build_network, deep_supervision_outputs
+from medseg.model.networks import build_network, deep_supervision_outputs
 
 
 def _config(dims, architecture="DynUNet", deep=True):

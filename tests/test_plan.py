@@ -9,8 +9,8 @@ import pytest
 
 from conftest import SHARED_DATA, make_dataset
 from medseg.errors import LabelValueError, MedsegUserError
-from medseg.manifest import load_manifest
-from medseg.plan import (
+from medseg.data.manifest import load_manifest
+from medseg.planning import (
     AUGMENTATION_DEFAULTS,
     AUGMENTATION_PRESETS,
     DEFAULT_AUGMENTATION,

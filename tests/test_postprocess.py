@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegUserError
-from medseg.labels import LabelSet
-from medseg.postprocess import (
+from medseg.core.labels import LabelSet
+from medseg.inference.postprocess import (
     PANOPTIC_DIVISOR,
     apply_postprocessing,
     determine_postprocessing,
@@ -19,7 +19,7 @@ from medseg.postprocess import (
     remove_small_components,
     save_postprocessing,
 )
-from medseg.volume import Volume
+from medseg.core.volume import Volume
 
 LABELS = LabelSet.from_manifest({"0": "background", "1": "organ", "2": "lesion"})
 
@@ -154,7 +154,7 @@ def test_watershed_splits_touching_lesions():
 def test_rules_from_runs_predict_each_folds_validation_cases(tmp_path):
     torch = pytest.importorskip("torch")
     from conftest import make_dataset
-    from medseg.postprocess import determine_postprocessing_for_runs
+    from medseg.inference import determine_postprocessing_for_runs
 
     from test_inference import write_checkpoint
 

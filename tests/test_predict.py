@@ -14,8 +14,8 @@ from test_inference import write_checkpoint  # noqa: E402
 
 from medseg.errors import MedsegUserError  # noqa: E402
 from medseg.io import read_volume, write_volume  # noqa: E402
-from medseg.predict import RECORD_FILE, collect_inputs, predict_batch  # noqa: E402
-from medseg.volume import Volume  # noqa: E402
+from medseg.inference.batch import RECORD_FILE, collect_inputs, predict_batch  # noqa: E402
+from medseg.core.volume import Volume  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.check import check_manifest
-from medseg.manifest import load_manifest
+from medseg.data.check import check_manifest
+from medseg.data.manifest import load_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "data_manifests"
 

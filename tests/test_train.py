@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from conftest import make_dataset
-from medseg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from medseg.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from medseg.errors import CheckpointError, LabelValueError, ManifestError, MedsegUserError
-from medseg.manifest import load_manifest
-from medseg.plan import fingerprint_dataset, make_plans
-from medseg.train import dice_per_structure, train
+from medseg.data.manifest import load_manifest
+from medseg.planning import fingerprint_dataset, make_plans
+from medseg.metrics.overlap import dice_per_structure
+from medseg.training import train
 
 SMALL = dict(iterations_per_epoch=2, validate_every=1, batch_size=2, progress=False, device="cpu")
 
@@ -171,7 +172,7 @@ def test_dice_per_structure_edge_cases() -> None:
 def test_cuda_amp_training_reduces_the_loss(tmp_path) -> None:
     from monai.losses import DiceCELoss
 
-    from medseg.networks import build_network
+    from medseg.model.networks import build_network
 
     config = {"spatial_dims": 3, "network": {"architecture": "DynUNet", "filters": [8, 16, 32],
                                              "kernel_size": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],

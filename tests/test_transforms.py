@@ -9,18 +9,17 @@ import torch
 from conftest import oblique_affine
 from medseg.io import read_volume, write_volume
 from medseg.errors import MedsegUserError
-from medseg.transforms import (
-    AUGMENTATION_DEFAULTS,
+from medseg.planning.presets import AUGMENTATION_DEFAULTS, augmentation_probabilities
+from medseg.model.transforms import (
     LoadVolumed,
     NormalizeChannelsd,
-    augmentation_probabilities,
     inference_transforms,
     invert_prediction,
     metatensor_to_volume,
     training_augmentation,
     training_cache_transforms,
 )
-from medseg.volume import Volume
+from medseg.core.volume import Volume
 
 
 def _plans(spacing, patch=(16, 16, 8), schemes=None):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medseg.volume import Volume, orientation_code
+from medseg.core.orientation import orientation_code
+from medseg.core.volume import Volume
 
 from conftest import oblique_affine
 

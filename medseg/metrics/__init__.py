@@ -1,4 +1,4 @@
-"""Segmentation metrics: overlap (confusion matrix), surface distances and instances (lesions).
+"""Segmentation metrics: overlap (confusion matrix), surface distances, instances (lesions), detection (AP).
 
 Pure numpy / scipy (and pandas for the per-lesion table); never imports torch. Every metric's formula, units,
 empty cases and source are in its module's docstring (DESIGN.md section 6 is the contract).
@@ -6,14 +6,9 @@ empty cases and source are in its module's docstring (DESIGN.md section 6 is the
 
 from __future__ import annotations
 
-from medseg.metrics.instances import (
-    LESION_COLUMNS,
-    InstanceMatch,
-    average_precision,
-    connected_components,
-    lesion_metrics,
-    match_instances,
-)
+from medseg.core.components import connected_components
+from medseg.metrics.detection import average_precision, pooled_average_precision
+from medseg.metrics.instances import LESION_COLUMNS, InstanceMatch, lesion_metrics, match_instances
 from medseg.metrics.overlap import (
     OVERLAP_KEYS,
     confusion_matrix,
@@ -48,6 +43,7 @@ __all__ = [
     "overlap_from_confusion",
     "overlap_from_counts",
     "overlap_metrics",
+    "pooled_average_precision",
     "surface_distances",
     "surface_element_areas",
     "surface_metrics",

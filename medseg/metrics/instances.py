@@ -44,46 +44,18 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
-from medseg.metrics.overlap import _as_binary_mask
+from medseg.core.components import connected_components
+from medseg.metrics.detection import average_precision
 
 __all__ = [
     "LESION_COLUMNS",
     "InstanceMatch",
-    "connected_components",
     "match_instances",
     "lesion_metrics",
-    "average_precision",
 ]
 
 Criterion = Literal["iou", "overlap"]
-
-
-def connected_components(mask: np.ndarray, *, connectivity: int | None = None) -> tuple[np.ndarray, int]:
-    """Label the connected components of a binary mask.
-
-    Args:
-        mask: Boolean (or 0/1) array, 2D or 3D.
-        connectivity: Neighbourhood: 1 = faces (4 in 2D, 6 in 3D) up to ``ndim`` = full (8 / 26, the default).
-
-    Returns:
-        ``(instances, n)``: int32 map with components ``1..n`` in scan order, 0 for background.
-
-    Example:
-        >>> m = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]], bool)
-        >>> connected_components(m)[1], connected_components(m, connectivity=1)[1]
-        (1, 2)
-    """
-    mask = _as_binary_mask(mask, "mask")
-    if mask.ndim not in (2, 3):
-        raise ValueError(f"mask must be 2D or 3D, got shape {mask.shape}")
-    conn = mask.ndim if connectivity is None else connectivity
-    if isinstance(conn, bool) or not isinstance(conn, (int, np.integer)) or not 1 <= conn <= mask.ndim:
-        raise ValueError(f"connectivity must be an integer in 1..{mask.ndim} for a {mask.ndim}D mask, got {conn!r}")
-    structure = ndimage.generate_binary_structure(mask.ndim, int(conn))
-    instances, n = ndimage.label(mask, structure=structure, output=np.int32)
-    return instances, int(n)
 
 
 @dataclass(frozen=True)
@@ -281,66 +253,6 @@ def match_instances(
     if ref.shape != pred.shape:
         raise ValueError(f"reference_instances shape {ref.shape} != prediction_instances shape {pred.shape}")
     return _matching(_instance_table(ref, pred), criterion=criterion, iou_threshold=iou_threshold)
-
-
-def average_precision(
-    *,
-    scores: np.ndarray,
-    pair_pred_index: np.ndarray,
-    pair_ref_index: np.ndarray,
-    pair_iou: np.ndarray,
-    n_ref: int,
-    iou_threshold: float,
-) -> float:
-    """COCO-style 101-point interpolated average precision at one IoU threshold.
-
-    Predictions are taken in decreasing ``scores`` order (stable, as pycocotools); each is matched to the still
-    unmatched reference with the highest IoU ``>= iou_threshold`` (a true positive) or else is a false positive.
-    ``precision(k) = TP(k) / k`` is made non-increasing from the right and read at recall points
-    ``0, 0.01, ..., 1`` (the first prediction whose recall reaches the point; 0 past the last); AP is their mean.
-    Unitless in [0, 1]; NaN when ``n_ref == 0``; 0 with references but no predictions.
-
-    Args:
-        scores: Score of each prediction (index ``0..n_pred-1``).
-        pair_pred_index: Prediction index of each overlapping pair.
-        pair_ref_index: Reference index of each overlapping pair.
-        pair_iou: IoU of each pair.
-        n_ref: Number of reference instances.
-        iou_threshold: IoU threshold (0.5 for AP50, 0.75 for AP75).
-
-    Returns:
-        The average precision.
-
-    Example:
-        >>> average_precision(scores=np.array([0.9, 0.8]), pair_pred_index=np.array([1]),
-        ...                   pair_ref_index=np.array([0]), pair_iou=np.array([0.9]), n_ref=1, iou_threshold=0.5)
-        0.5
-    """
-    if n_ref == 0:
-        return math.nan
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.size == 0:
-        return 0.0
-    order = np.argsort(-scores, kind="mergesort")
-    candidates: dict[int, list[tuple[float, int]]] = {}
-    for pi, ri, v in zip(pair_pred_index.tolist(), pair_ref_index.tolist(), pair_iou.tolist()):
-        if v >= iou_threshold:
-            candidates.setdefault(pi, []).append((v, ri))
-    taken: set[int] = set()
-    hits = np.zeros(len(order), dtype=bool)
-    for rank, pi in enumerate(order.tolist()):
-        free = [(v, ri) for v, ri in candidates.get(pi, []) if ri not in taken]
-        if free:
-            taken.add(max(free, key=lambda c: (c[0], -c[1]))[1])
-            hits[rank] = True
-    tp = np.cumsum(hits)
-    fp = np.cumsum(~hits)
-    recall = tp / n_ref
-    precision = np.maximum.accumulate((tp / (tp + fp))[::-1])[::-1]
-    points = np.linspace(0.0, 1.0, 101)
-    idx = np.searchsorted(recall, points, side="left")
-    sampled = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
-    return float(sampled.mean())
 
 
 def _prepare(array: np.ndarray, name: str, input_kind: str, connectivity: int | None) -> np.ndarray:

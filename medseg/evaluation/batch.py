@@ -1,0 +1,269 @@
+"""Evaluation engine: references + predictions -> tidy tables (case x structure).
+
+One pair is scored by :func:`medseg.evaluation.case.evaluate_pair`.
+
+A batch is scored by :func:`evaluate`: cases are paired by id (file name without extension, or the
+manifest's case id), a missing prediction becomes rows with status ``missing_prediction``, a case
+that cannot be scored (corrupt file, geometry mismatch, label outside the map) becomes rows with
+status ``error`` and its message, and the rest go on. Only *user* errors (a
+:class:`~medseg.errors.MedsegUserError`: corrupt file, geometry mismatch, label outside the map)
+become ``error`` rows; an unexpected exception is a bug in medseg and propagates. Invalid options
+are refused before any case is read. With ``out`` set, per-case results are cached under
+``out/.cache`` (:mod:`medseg.evaluation.cache`), so a rerun recomputes only what changed.
+
+Workers are processes started with ``spawn`` (never ``fork``: forking a process that holds torch
+or OpenMP threads can deadlock, notably in notebooks). The metric definitions are in DESIGN.md section 6 and in the
+docstrings of :mod:`medseg.metrics`.
+
+Example:
+    >>> ev = evaluate("labelsTr/", "predictions/", labels=manifest.labels, workers=2)  # doctest: +SKIP
+    >>> ev.per_case.groupby("structure").dice.mean()                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import numpy as np
+import pandas as pd
+
+from medseg.core.labels import LabelSet
+from medseg.core.volume import Volume
+from medseg.data.manifest import Manifest, remap_labels
+from medseg.errors import MedsegUserError
+from medseg.evaluation.cache import case_key, load_cached, store_cached
+from medseg.evaluation.case import EXTRA_COLUMNS, PER_CASE_COLUMNS, EvaluationSettings, empty_rows, evaluate_pair
+from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
+from medseg.evaluation.raters import inter_rater_rows, per_rater_rows
+from medseg.evaluation.summary import summarize
+from medseg.io.volumes import check_same_grid, read_volume
+from medseg.metrics.overlap import miou_from_confusion
+
+__all__ = ["Evaluation", "evaluate"]
+
+
+@dataclass
+class Evaluation:
+    """The result of a batch evaluation: pandas tables and the accumulated confusion matrix.
+
+    Attributes:
+        per_case: one row per case x structure (:data:`PER_CASE_COLUMNS` + extras).
+        cases: one row per case: files, per-case mIoU, status, error message.
+        lesions: one row per lesion of thing structures (empty when none).
+        lesion_summary: one row per case x thing structure: TP/FP/FN, F1, PQ, AP...
+        per_rater: prediction against every rater and against the STAPLE / majority consensus.
+        inter_rater: each pair of raters (the human baseline).
+        confusion: summed confusion matrix over all scored cases (dataset-level mIoU).
+        settings: the settings used.
+    """
+
+    per_case: pd.DataFrame
+    cases: pd.DataFrame
+    lesions: pd.DataFrame
+    lesion_summary: pd.DataFrame
+    per_rater: pd.DataFrame
+    inter_rater: pd.DataFrame
+    confusion: np.ndarray
+    settings: EvaluationSettings
+
+    @property
+    def dataset_miou(self) -> float:
+        """Dataset-level mIoU: IoU per foreground class from the summed confusion matrix, averaged."""
+        foreground = [i for i, label_id in enumerate(self.settings.labels.ids) if label_id != 0]
+        return float(miou_from_confusion(self.confusion, labels=foreground))
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        """Cases that could not be scored, with their error messages."""
+        return self.cases[self.cases["status"] == "error"]
+
+    def _repr_html_(self) -> str:  # notebooks
+        return summarize(self.per_case).to_html(float_format=lambda v: f"{v:.4f}")
+
+
+def _read_label(path: str, value_map: Mapping[int, int] | None = None) -> Volume:
+    return remap_labels(read_volume(path, kind="label"), value_map)
+
+
+def _run_job(job: CaseJob, settings: EvaluationSettings) -> dict[str, Any]:
+    """Score one case; never raises for user errors (they become ``error`` rows)."""
+    result: dict[str, Any] = {
+        "case_id": job.case_id, "reference": job.reference, "prediction": job.prediction,
+        "image": job.image, "status": "ok", "message": "", "rows": [], "lesions": [], "lesion_summary": [],
+        "confusion": None, "per_rater": [], "inter_rater": [],
+    }
+    value_maps = {name: dict(pairs) for name, pairs in job.value_maps}
+    try:
+        reference = _read_label(job.reference, value_maps.get("rater1"))  # type: ignore[arg-type]
+        raters = [("rater1", reference)] + [(name, _read_label(path, value_maps.get(name))) for name, path in job.raters]
+        if len(raters) > 1:
+            result["inter_rater"] = inter_rater_rows(job.case_id, raters, settings)
+        if job.prediction is None:
+            result["status"] = "missing_prediction"
+            result["rows"] = empty_rows(job.case_id, settings, "missing_prediction", reference=reference)
+            return result
+        prediction = _read_label(job.prediction)
+        probabilities = read_volume(job.probabilities) if job.probabilities else None
+        if probabilities is not None:
+            check_same_grid(reference, probabilities, tolerance_mm=settings.tolerance_mm)
+        pair = evaluate_pair(reference, prediction, settings=settings, case_id=job.case_id, probabilities=probabilities)
+        result["rows"], result["lesions"], result["lesion_summary"] = pair.rows, pair.lesions, pair.lesion_summary
+        result["confusion"] = pair.confusion.tolist() if pair.confusion is not None else None
+        if len(raters) > 1:
+            result["per_rater"] = per_rater_rows(job.case_id, raters, prediction, settings)
+    except (MedsegUserError, ValueError) as error:  # bad input of this case: record it, go on
+        result["status"] = "error"
+        result["message"] = str(error)
+        result["rows"] = empty_rows(job.case_id, settings, "error", str(error))
+        result["lesions"], result["lesion_summary"], result["confusion"] = [], [], None
+    return result
+
+
+def evaluate(
+    reference: str | os.PathLike[str] | Manifest,
+    prediction: str | os.PathLike[str],
+    *,
+    labels: LabelSet | Manifest | str | os.PathLike[str] | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    probabilities: str | os.PathLike[str] | None = None,
+    things: Iterable[str] | None = None,
+    nsd_tolerance_mm: float | Mapping[str, float] | None = None,
+    connectivity: int | None = None,
+    match: Literal["iou", "overlap"] = "iou",
+    resample_prediction: bool = False,
+    subset: str | None = None,
+    workers: int = 1,
+    out: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate a folder of predictions against references; see the module docstring.
+
+    Args:
+        reference: a folder of reference label files, or a manifest (path or Manifest) whose
+            cases' ``label`` are the references (further raters are evaluated too).
+        prediction: folder of predicted label files named ``<case_id>.<ext>``.
+        labels: the label map: a LabelSet, a Manifest or a manifest path. Defaults to the
+            reference manifest's.
+        data_root: data root of a reference manifest.
+        probabilities: folder of probability maps named like the predictions (AP scores).
+        things: structures scored as instances; defaults to the manifest's ``things``.
+        nsd_tolerance_mm: one tolerance, or per structure; defaults to the manifest's (else 1 mm).
+        connectivity: lesion connectivity (1 = faces ... ndim = full, the default).
+        match: lesion matching, ``"iou"`` (IoU > 0.5) or ``"overlap"`` (any overlap).
+        resample_prediction: resample predictions onto the reference grid (nearest neighbour)
+            instead of reporting a geometry mismatch.
+        subset: only cases of this manifest list (e.g. ``"test_labelled"``).
+        workers: processes scoring cases in parallel.
+        out: when given, cache per-case results in ``out/.cache`` (a rerun recomputes only changed
+            cases). Writing the tables is :func:`medseg.report.write_outputs`.
+        progress: show a progress bar on stderr.
+    """
+    jobs, manifest, unpaired = case_jobs(reference, prediction, data_root=data_root,
+                                     probabilities=probabilities, subset=subset)
+    label_set, label_manifest = resolve_labels(labels, manifest, Path(data_root) if data_root else None)
+    source = label_manifest or manifest
+    if nsd_tolerance_mm is None:
+        tolerances = dict(source.nsd_tolerance_mm) if source else {}
+    elif isinstance(nsd_tolerance_mm, Mapping):
+        tolerances = {str(k): float(v) for k, v in nsd_tolerance_mm.items()}
+    else:
+        tolerances = {"*": float(nsd_tolerance_mm)}
+    thing_names = tuple(things) if things is not None else (source.things if source else ())
+    known = {s.name for s in label_set.structures()}
+    unknown = [t for t in thing_names if t not in known]
+    if unknown:
+        raise MedsegUserError(f"unknown thing structures {unknown} (known: {sorted(known)})")
+    if match not in ("iou", "overlap"):
+        raise MedsegUserError(f"match must be 'iou' or 'overlap', got {match!r}")
+    if workers < 1:
+        raise MedsegUserError(f"workers must be >= 1, got {workers}")
+    settings = EvaluationSettings(
+        labels=label_set, things=thing_names, nsd_tolerance_mm=tolerances, connectivity=connectivity,
+        match=match, resample_prediction=resample_prediction,
+    )
+    results = _run_jobs(jobs, settings, workers=workers, cache_dir=Path(out) / ".cache" if out else None,
+                        progress=progress)
+    return _assemble(results, settings, jobs, unpaired)
+
+
+def _run_jobs(jobs: list[CaseJob], settings: EvaluationSettings, *, workers: int, cache_dir: Path | None,
+              progress: bool) -> list[dict[str, Any]]:
+    settings_json = json.dumps(settings.to_json(), sort_keys=True, default=str)
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[CaseJob, str]] = []
+    for job in jobs:
+        key = case_key(job, settings_json)
+        cached = load_cached(cache_dir, job.case_id, key) if cache_dir else None
+        if cached is not None:
+            results[job.case_id] = cached
+        else:
+            todo.append((job, key))
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="evaluating", unit="case", leave=False)
+
+    def finish(job: CaseJob, key: str, result: dict[str, Any]) -> None:
+        results[job.case_id] = result
+        if cache_dir is not None and result["status"] != "error":
+            store_cached(cache_dir, job.case_id, key, result)
+        if bar is not None:
+            bar.update(1)
+
+    if workers == 1 or len(todo) <= 1:
+        for job, key in todo:
+            finish(job, key, _run_job(job, settings))
+    else:
+        # spawn, never fork: a forked copy of a process holding torch/OpenMP threads can deadlock
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_job, job, settings): (job, key) for job, key in todo}
+            for future in as_completed(futures):
+                job, key = futures[future]
+                finish(job, key, future.result())
+    if bar is not None:
+        bar.close()
+    return [results[job.case_id] for job in jobs]
+
+
+def _assemble(results: list[dict[str, Any]], settings: EvaluationSettings, jobs: list[CaseJob],
+              unpaired: list[str]) -> Evaluation:
+    rows = [row for r in results for row in r["rows"]]
+    per_case = pd.DataFrame(rows, columns=PER_CASE_COLUMNS + EXTRA_COLUMNS)
+    num_classes = len(settings.labels.ids)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    case_rows = []
+    for result in results:
+        if result["confusion"] is not None:
+            confusion += np.asarray(result["confusion"], dtype=np.int64)
+        case_rows.append({
+            "case_id": result["case_id"], "status": result["status"], "reference": result["reference"],
+            "prediction": result["prediction"], "image": result.get("image"),
+            "miou": _case_miou(result["rows"], settings), "message": result["message"],
+        })
+    for case_id in unpaired:
+        case_rows.append({"case_id": case_id, "status": "no_reference", "reference": None, "prediction": None,
+                          "image": None, "miou": np.nan, "message": "prediction without a reference"})
+    return Evaluation(
+        per_case=per_case,
+        cases=pd.DataFrame(case_rows, columns=["case_id", "status", "reference", "prediction", "image", "miou", "message"]),
+        lesions=pd.DataFrame([l for r in results for l in r["lesions"]]),
+        lesion_summary=pd.DataFrame([l for r in results for l in r["lesion_summary"]]),
+        per_rater=pd.DataFrame([l for r in results for l in r["per_rater"]]),
+        inter_rater=pd.DataFrame([l for r in results for l in r["inter_rater"]]),
+        confusion=confusion,
+        settings=settings,
+    )
+
+
+def _case_miou(rows: list[dict[str, Any]], settings: EvaluationSettings) -> float:
+    """Mean IoU over the single-label structures of a case that are present in either mask."""
+    regions = set(settings.labels.regions)
+    values = [r["iou"] for r in rows if r["structure"] not in regions and r["status"] in ("ok", "ref_empty", "pred_empty")]
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,255 @@
+"""Writing an :class:`~medseg.evaluation.batch.Evaluation`: tables, ``summary.json`` and ``report.html``.
+
+* :func:`write_outputs`: ``per_case.csv``, ``cases.csv``, ``lesions.csv`` / ``lesion_summary.csv``
+  (thing structures), ``per_rater.csv`` / ``inter_rater.csv`` (several raters), ``summary.json``
+  and a self-contained ``report.html`` (plots and overlays embedded), every file atomic.
+* :func:`summary_json`: summaries (:func:`medseg.evaluation.summary.summarize`), mIoU (dataset
+  level and mean of cases), lesion totals, the settings, the definitions and the version.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medseg import __version__
+from medseg.evaluation.batch import Evaluation
+from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, summarize
+from medseg.io.files import atomic_path, write_json, write_text
+from medseg.io.volumes import read_volume
+
+__all__ = ["summary_json", "write_outputs", "write_report"]
+
+
+def summary_json(evaluation: Evaluation) -> dict[str, Any]:
+    """The content of ``summary.json``: summaries, mIoU, lesion totals, definitions, version."""
+    summary = summarize(evaluation.per_case)
+    structures: dict[str, Any] = {}
+    for (structure, metric), row in summary.iterrows():
+        entry = structures.setdefault(str(structure), {"status_counts": {s: int(row[f"n_{s}"]) for s in STATUSES}})
+        entry[metric] = {"n": int(row["n"]), "n_scored": int(row["n_scored"]),
+                         **{k: float(row[k]) for k in ("mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high")}}
+    spacing_known = bool(evaluation.per_case["spacing_known"].fillna(True).all()) if len(evaluation.per_case) else True
+    case_miou = evaluation.cases["miou"].to_numpy(dtype=float)
+    case_miou = case_miou[~np.isnan(case_miou)]
+    content = {
+        "medseg_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "num_cases": int(len(evaluation.cases)),
+        "case_status_counts": {str(k): int(v) for k, v in evaluation.cases["status"].value_counts().items()},
+        "failed_cases": evaluation.failed[["case_id", "message"]].to_dict("records"),
+        "structures": structures,
+        "miou": {
+            "dataset_level": evaluation.dataset_miou,
+            "dataset_level_definition": "mean over foreground classes of TP/(TP+FP+FN) from the confusion matrix summed over all scored cases (semantic-segmentation benchmark convention); classes absent from every reference and prediction are excluded",
+            "mean_of_case_miou": float(case_miou.mean()) if len(case_miou) else float("nan"),
+            "case_miou_definition": "per case, mean IoU over single-label structures present in the reference or the prediction",
+        },
+        "lesions": lesion_totals(evaluation.lesion_summary),
+        "settings": evaluation.settings.to_json(),
+        "units": "mm" if spacing_known else "pixels (the files carry no physical spacing; distances are in pixel units)",
+        "definitions": {
+            "dice": "2|R∩P| / (|R|+|P|)",
+            "iou": "|R∩P| / |R∪P|",
+            "precision": "|R∩P| / |P|",
+            "recall": "|R∩P| / |R|",
+            "hd_mm": "max(max d(R->P), max d(P->R)) over boundary voxels, reference spacing",
+            "hd95_mm": "max(P95 d(R->P), P95 d(P->R)) (MONAI's definition)",
+            "assd_mm": "mean of d(R->P) ∪ d(P->R)",
+            "nsd": "surface Dice at tolerance nsd_tolerance_mm (Nikolov et al.; DeepMind surface-distance)",
+            "status": "ok | both_empty (NaN) | ref_empty (dice 0, distances NaN) | pred_empty (dice 0, distances NaN) | missing_prediction (NaN) | error (NaN, message)",
+            "summaries": "NaN excluded; n_scored counts values used; 95% CI = percentile bootstrap of the mean, 2000 resamples, seed 0",
+        },
+    }
+    return nan_to_none(content)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def write_outputs(evaluation: Evaluation, out: str | Path, *, report: bool = True) -> dict[str, Path]:
+    """Write every table, ``summary.json`` and (optionally) ``report.html`` into ``out``, atomically.
+
+    Returns:
+        Mapping of output name -> path written.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    tables = {
+        "per_case": evaluation.per_case,
+        "cases": evaluation.cases,
+        "lesions": evaluation.lesions,
+        "lesion_summary": evaluation.lesion_summary,
+        "per_rater": evaluation.per_rater,
+        "inter_rater": evaluation.inter_rater,
+    }
+    for name, frame in tables.items():
+        if name in ("per_case", "cases") or not frame.empty:
+            _write_csv(frame, out / f"{name}.csv")
+            written[name] = out / f"{name}.csv"
+    write_json(summary_json(evaluation), out / "summary.json")
+    written["summary"] = out / "summary.json"
+    if report:
+        written["report"] = write_report(evaluation, out / "report.html")
+    return written
+
+
+def _figure_png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _box_plots(per_case: pd.DataFrame, metrics: Sequence[str]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    structures = list(dict.fromkeys(per_case["structure"]))
+    for metric in metrics:
+        data = [per_case.loc[per_case["structure"] == s, metric].dropna().to_numpy() for s in structures]
+        if not any(len(d) for d in data):
+            continue
+        figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(structures) + 1.5), 3.2))
+        axis.boxplot([d if len(d) else [np.nan] for d in data], showmeans=True)
+        axis.set_xticks(range(1, len(structures) + 1), structures, rotation=30, ha="right")
+        axis.set_ylabel(metric)
+        axis.set_title(f"{metric} per structure (NaN excluded)")
+        axis.grid(axis="y", alpha=0.3)
+        plots.append((metric, _figure_png(figure)))
+    return plots
+
+
+def _overlay(reference_path: str, prediction_path: str, image_path: str | None, label_ids: Sequence[int],
+             title: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reference = np.isin(read_volume(reference_path, kind="label").array[0], label_ids)
+    prediction = np.isin(read_volume(prediction_path, kind="label").array[0], label_ids)
+    background = None
+    if image_path:
+        try:
+            background = read_volume(image_path).array[0]
+        except Exception:  # noqa: BLE001 - an overlay without its image is still useful
+            background = None
+    if reference.ndim == 3:
+        area = reference.sum(axis=(0, 1)) + 0.5 * prediction.sum(axis=(0, 1))
+        k = int(np.argmax(area))
+        reference, prediction = reference[:, :, k], prediction[:, :, k]
+        background = background[:, :, k] if background is not None and background.ndim == 3 else None
+        title = f"{title} (slice k={k})"
+    figure, axis = plt.subplots(figsize=(4, 4))
+    if background is not None and background.shape == reference.shape:
+        axis.imshow(background.T, cmap="gray", origin="lower")
+    else:
+        axis.imshow(np.zeros(reference.T.shape), cmap="gray", origin="lower")
+    if reference.any():
+        axis.contour(reference.T.astype(float), levels=[0.5], colors=["lime"], linewidths=1.2)
+    if prediction.any():
+        axis.contour(prediction.T.astype(float), levels=[0.5], colors=["red"], linewidths=1.0)
+    axis.set_title(title, fontsize=9)
+    axis.set_axis_off()
+    return _figure_png(figure)
+
+
+def _table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
+    return frame.to_html(float_format=lambda v: f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}",
+                         na_rep="–", border=0, classes="t")
+
+
+def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) -> Path:
+    """Write a self-contained HTML report (summary table, box plots, worst-case overlays)."""
+    path = Path(path)
+    content = summary_json(evaluation)
+    per_case = evaluation.per_case
+    summary = summarize(per_case)
+    compact = pd.DataFrame()
+    statuses = pd.DataFrame()
+    if not summary.empty:
+        compact = summary[["n_scored", "mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high"]]
+        statuses = (summary.xs("dice", level="metric")[[f"n_{s}" for s in STATUSES]]
+                    .rename(columns=lambda c: c[2:]))
+    sections = [
+        f"<h1>medseg evaluation report</h1><p>{html.escape(content['created'])} · medseg "
+        f"{html.escape(content['medseg_version'])} · {content['num_cases']} cases · "
+        f"case status: {html.escape(json.dumps(content['case_status_counts']))} · units: {html.escape(content['units'])}</p>",
+        "<h2>Summary per structure</h2>"
+        "<p>NaN values (empty cases) are excluded from means; the status counts below say how many rows each "
+        "structure has of each kind. CI: 95% percentile bootstrap of the mean. NSD tolerance: "
+        + html.escape(", ".join(f"{k} {v:g} mm" for k, v in content["settings"]["nsd_tolerance_mm"].items()))
+        + ".</p>" + (_table_html(compact) if not compact.empty else "<p>no rows</p>"),
+        "<h2>Status counts (rows per structure)</h2>" + (_table_html(statuses) if not statuses.empty else ""),
+        f"<h2>mIoU</h2><p>dataset-level (summed confusion matrix): <b>{_fmt(content['miou']['dataset_level'])}</b>; "
+        f"mean of per-case mIoU: <b>{_fmt(content['miou']['mean_of_case_miou'])}</b></p>",
+    ]
+    if content["lesions"]:
+        sections.append("<h2>Lesion-wise (instance) metrics</h2>" + _table_html(pd.DataFrame(content["lesions"]).T))
+    if not evaluation.inter_rater.empty:
+        inter = evaluation.inter_rater.groupby(["rater_a", "rater_b", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
+        sections.append("<h2>Inter-rater agreement (human baseline)</h2>" + _table_html(inter))
+    if not evaluation.per_rater.empty:
+        per_rater = evaluation.per_rater.groupby(["rater", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
+        sections.append("<h2>Prediction against each rater and the consensus</h2>" + _table_html(per_rater))
+    plots = _box_plots(per_case, ["dice", "hd95_mm", "nsd"])
+    if plots:
+        sections.append("<h2>Distributions</h2>" + "".join(
+            f'<img alt="{html.escape(m)} box plot" src="{src}">' for m, src in plots))
+    sections.append(_worst_section(evaluation, worst))
+    failed = evaluation.failed
+    if len(failed):
+        sections.append("<h2>Failed cases</h2><ul>" + "".join(
+            f"<li><b>{html.escape(str(r.case_id))}</b>: {html.escape(str(r.message))}</li>" for r in failed.itertuples()) + "</ul>")
+    sections.append("<h2>Definitions</h2><ul>" + "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in content["definitions"].items()) + "</ul>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>medseg evaluation</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table.t{border-collapse:collapse;font-size:13px}"
+        "table.t td,table.t th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+        "img{margin:4px;border:1px solid #eee}</style></head><body>" + "\n".join(sections) + "</body></html>"
+    )
+    return write_text(page, path)
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _worst_section(evaluation: Evaluation, worst: int) -> str:
+    per_case = evaluation.per_case
+    scored = per_case[per_case["status"].isin(["ok", "pred_empty", "ref_empty"])].sort_values("dice").head(worst)
+    if scored.empty:
+        return ""
+    cases = evaluation.cases.set_index("case_id")
+    images = []
+    for row in scored.itertuples():
+        case = cases.loc[row.case_id]
+        if not isinstance(case.reference, str) or not isinstance(case.prediction, str):
+            continue
+        label_ids = [int(v) for v in str(row.label).split("+")]
+        try:
+            src = _overlay(case.reference, case.prediction, getattr(case, "image", None), label_ids,
+                           f"{row.case_id} · {row.structure} · Dice {row.dice:.3f}")
+        except Exception:  # noqa: BLE001 - a broken overlay must not lose the report
+            src = None
+        if src:
+            images.append(f'<img alt="overlay {html.escape(str(row.case_id))}" src="{src}">')
+    return ("<h2>Worst cases</h2><p>Lowest Dice; reference contour green, prediction red.</p>" + "".join(images)) if images else ""

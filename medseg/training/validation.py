@@ -1,0 +1,48 @@
+"""Validation during training: the fold's validation cases predicted and scored per structure.
+
+The score decides ``checkpoint_best.pt``. It is computed on the preprocessed grid (the grid the
+network sees), so it can differ slightly from a ``medseg predict`` + ``medseg evaluate`` run in the
+input geometry; both use the one sliding-window engine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from medseg.metrics.overlap import dice_per_structure
+from medseg.model.windows import sliding_window_logits
+from medseg.training.data import CaseCache
+
+__all__ = ["validate"]
+
+
+def validate(network: torch.nn.Module, cache: CaseCache, *, cfg: Mapping[str, Any],
+             structures: Sequence[tuple[str, Sequence[int]]], device: torch.device, amp: bool,
+             num_classes: int) -> dict[str, float]:
+    """Mean Dice per structure (and their mean, ``"mean"``) over the validation cases.
+
+    Each case is predicted on its preprocessed grid by the same sliding-window engine prediction
+    uses (:func:`medseg.model.windows.sliding_window_logits`, TTA off) and scored by
+    :func:`medseg.metrics.overlap.dice_per_structure` (NaN for a structure absent from both maps,
+    excluded from the mean over cases).
+    """
+    scores: dict[str, list[float]] = {name: [] for name, _ in structures}
+    for index in range(len(cache)):
+        item = cache[index]
+        logits = sliding_window_logits(network, item["image"], plans_config=cfg, num_classes=num_classes,
+                                       device=device, amp=amp, sw_batch_size=int(cfg.get("batch_size", 2)))
+        prediction = logits.argmax(0).cpu().numpy()
+        reference = item["label"][0].numpy()
+        for name, value in dice_per_structure(reference, prediction, structures=structures).items():
+            scores[name].append(value)
+    result = {}
+    for name, values in scores.items():
+        finite = [v for v in values if not math.isnan(v)]
+        result[name] = float(np.mean(finite)) if finite else float("nan")
+    finite = [v for v in result.values() if not math.isnan(v)]
+    result["mean"] = float(np.mean(finite)) if finite else float("nan")
+    return result
