@@ -123,8 +123,9 @@ def run_medseg(ref: np.ndarray, pred: np.ndarray, labels: list[int]) -> dict[int
     ok = []
     for label in labels:
         tp = int(cm[label, label])
-        row = overlap_from_counts(tp=tp, fp=int(cm[:, label].sum()) - tp, fn=int(cm[label].sum()) - tp,
-                                  voxel_volume_ml=voxel_ml)
+        row = overlap_from_counts(
+            tp=tp, fp=int(cm[:, label].sum()) - tp, fn=int(cm[label].sum()) - tp, voxel_volume_ml=voxel_ml
+        )
         rows[label] = dict(row)
         if row["status"] == "ok":
             ok.append(label)
@@ -216,8 +217,7 @@ def run_monai(ref: np.ndarray, pred: np.ndarray, label: int) -> tuple[dict[str, 
             "hd_mm": compute_hausdorff_distance(p, r, spacing=spacing, **common).item(),
             "hd95_mm": compute_hausdorff_distance(p, r, percentile=95, spacing=spacing, **common).item(),
             "assd_mm": compute_average_surface_distance(p, r, symmetric=True, spacing=spacing, **common).item(),
-            "nsd": compute_surface_dice(p, r, [NSD_TOLERANCE_MM], spacing=spacing, use_subvoxels=True,
-                                        **common).item(),
+            "nsd": compute_surface_dice(p, r, [NSD_TOLERANCE_MM], spacing=spacing, use_subvoxels=True, **common).item(),
         }
         elapsed = time.perf_counter() - start
     return values, elapsed
@@ -229,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="512,512,300", help="volume shape, e.g. 512,512,300")
     parser.add_argument("--structures", type=int, default=20, help="number of structures")
     parser.add_argument("--skip-monai", action="store_true", help="time medseg only")
-    parser.add_argument("--monai-structures", type=int, default=5,
-                        help="structures MONAI runs on (spread over sizes; the total is extrapolated); 0 = all")
+    parser.add_argument(
+        "--monai-structures",
+        type=int,
+        default=5,
+        help="structures MONAI runs on (spread over sizes; the total is extrapolated); 0 = all",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="medseg timing repeats (best is reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -246,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     ref, pred = make_case(shape, args.structures, seed=args.seed)  # type: ignore[arg-type]
     labels = list(range(1, args.structures + 1))
     sizes = np.bincount(ref.ravel(), minlength=args.structures + 1)[1:]
-    print(f"volume {shape} uint8, spacing {SPACING} mm, {args.structures} structures "
-          f"({sizes.min()}..{sizes.max()} voxels, {100 * (ref > 0).mean():.1f}% foreground), "
-          f"built in {time.perf_counter() - start:.1f} s")
+    print(
+        f"volume {shape} uint8, spacing {SPACING} mm, {args.structures} structures "
+        f"({sizes.min()}..{sizes.max()} voxels, {100 * (ref > 0).mean():.1f}% foreground), "
+        f"built in {time.perf_counter() - start:.1f} s"
+    )
     label_mib = (ref.nbytes + pred.nbytes) / 2**20
-    print(f"the two label arrays: {label_mib:.0f} MiB; cpu cores: {os.cpu_count()}; "
-          f"load average before timing: {os.getloadavg()[0]:.2f} (other processes slow every timing)")
+    print(
+        f"the two label arrays: {label_mib:.0f} MiB; cpu cores: {os.cpu_count()}; "
+        f"load average before timing: {os.getloadavg()[0]:.2f} (other processes slow every timing)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "ref.npy", ref)
@@ -261,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", tmp, "--repeats", str(args.repeats)],
-            capture_output=True, text=True, env=env, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
         )
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
@@ -271,14 +282,22 @@ def main(argv: list[str] | None = None) -> int:
     best = min(result["times_s"])
     extra_rss = result["peak_rss_mib"] - result["rss_before_mib"]
     print(f"\nmedseg (subprocess; load average now {os.getloadavg()[0]:.2f})")
-    print(f"  full suite, {args.structures} structures: best {best:.3f} s of {args.repeats} "
-          f"({', '.join(f'{t:.3f}' for t in result['times_s'])})")
-    print(f"  of which confusion matrix {result['confusion_s']:.3f} s, surface metrics {result['surface_s']:.3f} s "
-          "(separate run)")
-    print(f"  peak numpy allocations (tracemalloc): {result['traced_peak_mib']:.0f} MiB "
-          f"= {result['traced_peak_mib'] / label_mib:.2f} x the label arrays")
-    print(f"  peak RSS {result['peak_rss_mib']:.0f} MiB, {extra_rss:.0f} MiB above the RSS after loading "
-          f"({extra_rss / label_mib:.2f} x the label arrays)")
+    print(
+        f"  full suite, {args.structures} structures: best {best:.3f} s of {args.repeats} "
+        f"({', '.join(f'{t:.3f}' for t in result['times_s'])})"
+    )
+    print(
+        f"  of which confusion matrix {result['confusion_s']:.3f} s, surface metrics {result['surface_s']:.3f} s "
+        "(separate run)"
+    )
+    print(
+        f"  peak numpy allocations (tracemalloc): {result['traced_peak_mib']:.0f} MiB "
+        f"= {result['traced_peak_mib'] / label_mib:.2f} x the label arrays"
+    )
+    print(
+        f"  peak RSS {result['peak_rss_mib']:.0f} MiB, {extra_rss:.0f} MiB above the RSS after loading "
+        f"({extra_rss / label_mib:.2f} x the label arrays)"
+    )
 
     if args.skip_monai:
         return 0
@@ -304,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in compared:
             diff = abs(float(ours[key]) - float(values[key]))
             worst[key] = diff if math.isnan(diff) else max(worst[key], diff)
-        print(f"  structure {label:2d} ({sizes[label - 1]:7d} vox, {ours['status']:10s}) {elapsed:6.2f} s  "
-              + "  ".join(f"{k}={ours[k]:.4f}/{values[k]:.4f}" for k in ("dice", "hd95_mm", "assd_mm", "nsd")))
+        print(
+            f"  structure {label:2d} ({sizes[label - 1]:7d} vox, {ours['status']:10s}) {elapsed:6.2f} s  "
+            + "  ".join(f"{k}={ours[k]:.4f}/{values[k]:.4f}" for k in ("dice", "hd95_mm", "assd_mm", "nsd"))
+        )
     extrapolated = len(picks) != len(labels)
     print(f"  MONAI time on {len(picks)} structures: {monai_total:.1f} s")
     if extrapolated:
@@ -324,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     print("max |medseg - MONAI| on those structures: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
     tolerances = {"dice": 1e-6, "iou": 1e-6, "hd_mm": 1e-3, "hd95_mm": 1e-3, "assd_mm": 1e-3, "nsd": 1e-3}
     failed = [k for k in KEYS if not worst[k] <= tolerances[k]]
-    print("agreement: " + ("OK" if not failed else f"FAILED for {failed}")
-          + " (Dice/IoU 1e-6: MONAI computes in float32; distances 1e-3 mm; NSD 1e-3)")
+    print(
+        "agreement: "
+        + ("OK" if not failed else f"FAILED for {failed}")
+        + " (Dice/IoU 1e-6: MONAI computes in float32; distances 1e-3 mm; NSD 1e-3)"
+    )
     return 1 if failed else 0
 
 

@@ -73,14 +73,23 @@ def monai_suite(reference_dir: Path, prediction_dir: Path) -> tuple[float, pd.Da
         for label in (1, 2):
             r = torch.from_numpy(ref == label)[None, None].double()
             p = torch.from_numpy(pred == label)[None, None].double()
-            row = {"case_id": path.name[:-7], "label": label,
-                   "dice": float(compute_dice(p, r, include_background=True)),
-                   "iou": float(compute_iou(p, r, include_background=True))}
+            row = {
+                "case_id": path.name[:-7],
+                "label": label,
+                "dice": float(compute_dice(p, r, include_background=True)),
+                "iou": float(compute_iou(p, r, include_background=True)),
+            }
             if r.any() and p.any():
                 row["hd_mm"] = float(compute_hausdorff_distance(p, r, include_background=True, spacing=spacing))
-                row["hd95_mm"] = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing))
-                row["assd_mm"] = float(compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing))
-                row["nsd"] = float(compute_surface_dice(p, r, [1.0], include_background=True, spacing=spacing, use_subvoxels=True))
+                row["hd95_mm"] = float(
+                    compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)
+                )
+                row["assd_mm"] = float(
+                    compute_average_surface_distance(p, r, include_background=True, symmetric=True, spacing=spacing)
+                )
+                row["nsd"] = float(
+                    compute_surface_dice(p, r, [1.0], include_background=True, spacing=spacing, use_subvoxels=True)
+                )
             rows.append(row)
     return time.perf_counter() - start, pd.DataFrame(rows)
 
@@ -95,15 +104,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medseg_bench_") as tmp:
         tmp_path = Path(tmp)
         count = perturb(args.data_root / "labelsTr", tmp_path / "pred")
-        command = [sys.executable, "-m", "medseg.cli", "evaluate", "--reference", str(manifest),
-                   "--data-root", str(args.data_root), "--prediction", str(tmp_path / "pred"),
-                   "--out", str(tmp_path / "eval"), "--workers", str(args.workers), "--no-report"]
+        command = [
+            sys.executable,
+            "-m",
+            "medseg.cli",
+            "evaluate",
+            "--reference",
+            str(manifest),
+            "--data-root",
+            str(args.data_root),
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--workers",
+            str(args.workers),
+            "--no-report",
+        ]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         medseg_s = time.perf_counter() - start
         print(f"{count} hippocampus cases, 2 structures each")
-        print(f"medseg evaluate --workers {args.workers} (CLI, end to end incl. start-up and outputs): {medseg_s:.2f} s"
-              f"  (target < 20 s)")
+        print(
+            f"medseg evaluate --workers {args.workers} (CLI, end to end incl. start-up and outputs): {medseg_s:.2f} s"
+            f"  (target < 20 s)"
+        )
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         print(f"medseg rerun (cached, nothing changed): {time.perf_counter() - start:.2f} s")
@@ -118,8 +143,10 @@ def main() -> None:
         merged = ours.merge(monai, on=["case_id", "label"], suffixes=("", "_monai"))
         for metric in ("dice", "iou", "hd_mm", "hd95_mm", "assd_mm", "nsd"):
             both = merged[[metric, f"{metric}_monai"]].dropna()
-            print(f"  max |medseg - MONAI| {metric:8s}: {np.abs(both[metric] - both[f'{metric}_monai']).max():.2e} "
-                  f"over {len(both)} values")
+            print(
+                f"  max |medseg - MONAI| {metric:8s}: {np.abs(both[metric] - both[f'{metric}_monai']).max():.2e} "
+                f"over {len(both)} values"
+            )
 
 
 if __name__ == "__main__":

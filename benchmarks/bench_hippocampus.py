@@ -46,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations-per-epoch", type=int, default=None)
     parser.add_argument("--validate-every", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--evaluate-tta", action="store_true",
-                        help="afterwards, predict the validation cases in their own geometry with and without "
-                             "mirroring TTA (as nnU-Net's validation does) and score them with medseg's evaluation")
+    parser.add_argument(
+        "--evaluate-tta",
+        action="store_true",
+        help="afterwards, predict the validation cases in their own geometry with and without "
+        "mirroring TTA (as nnU-Net's validation does) and score them with medseg's evaluation",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -67,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         plans = load_plans(plans_path)
     else:
         fingerprint = fingerprint_dataset(manifest, workers=args.threads)
-        plans = make_plans(fingerprint, base_features=args.base_features,
-                           **({"augmentation": args.augmentation} if args.augmentation else {}))
+        plans = make_plans(
+            fingerprint,
+            base_features=args.base_features,
+            **({"augmentation": args.augmentation} if args.augmentation else {}),
+        )
         if args.optimizer:
             plans["training"]["optimizer"] = args.optimizer
         if args.learning_rate is not None:
@@ -80,9 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     plan_s = time.monotonic() - start
     run_dir = args.out / f"fold_{args.fold}"
     result = train(
-        manifest, plans=plans, config=args.config, fold=args.fold, out_dir=run_dir,
-        time_limit_min=args.time_limit_min, device=args.device, seed=args.seed, resume=args.resume,
-        iterations_per_epoch=args.iterations_per_epoch, validate_every=args.validate_every,
+        manifest,
+        plans=plans,
+        config=args.config,
+        fold=args.fold,
+        out_dir=run_dir,
+        time_limit_min=args.time_limit_min,
+        device=args.device,
+        seed=args.seed,
+        resume=args.resume,
+        iterations_per_epoch=args.iterations_per_epoch,
+        validate_every=args.validate_every,
     )
     total_s = time.monotonic() - start
     rows = list(csv.DictReader(open(run_dir / "history.csv")))
@@ -91,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     train_s = sum(epoch_times)
     cfg = plans["configurations"][args.config]
     print()
-    print(f"MSD Hippocampus, fold {args.fold}, config {args.config}, device {result.get('device', args.device)}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, filters {cfg['network']['filters']}, "
-          f"optimizer {plans['training']['optimizer']} lr {plans['training']['learning_rate']}")
+    print(
+        f"MSD Hippocampus, fold {args.fold}, config {args.config}, device {result.get('device', args.device)}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, filters {cfg['network']['filters']}, "
+        f"optimizer {plans['training']['optimizer']} lr {plans['training']['learning_rate']}"
+    )
     print(f"augmentation probabilities {plans.get('augmentation', 'nnU-Net defaults')}")
     print(f"{'structure':<12}{'medseg':>10}{'nnU-Net 3d_fullres CV':>24}")
     final = result["final_dice"]
@@ -103,13 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     reference_mean = sum(NNUNET_3D_FULLRES_CV.values()) / len(NNUNET_3D_FULLRES_CV)
     print(f"{'mean':<12}{final.get('mean', float('nan')):>10.4f}{reference_mean:>24.4f}")
     print(f"best mean validation Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
-    print(f"time: planning {plan_s:.0f} s, training budget {args.time_limit_min} min, training loop "
-          f"{result['elapsed_s']:.0f} s, total {total_s:.0f} s")
+    print(
+        f"time: planning {plan_s:.0f} s, training budget {args.time_limit_min} min, training loop "
+        f"{result['elapsed_s']:.0f} s, total {total_s:.0f} s"
+    )
     if iterations and train_s:
         per_epoch = args.iterations_per_epoch or plans["training"]["iterations_per_epoch"]
-        print(f"throughput: {iterations} iterations (batch {cfg['batch_size']}) in {len(rows)} epochs of up to "
-              f"{per_epoch}, {iterations / train_s:.2f} it/s ({train_s / iterations:.2f} s/it, "
-              f"{per_epoch * train_s / iterations:.0f} s per full epoch, validation excluded)")
+        print(
+            f"throughput: {iterations} iterations (batch {cfg['batch_size']}) in {len(rows)} epochs of up to "
+            f"{per_epoch}, {iterations / train_s:.2f} it/s ({train_s / iterations:.2f} s/it, "
+            f"{per_epoch * train_s / iterations:.0f} s per full epoch, validation excluded)"
+        )
     val_times = [float(r["val_time_s"]) for r in rows if r.get("val_time_s")]
     if val_times:
         print(f"validation: {len(val_times)} runs, {val_times[-1]:.0f} s each ({result.get('device')})")
@@ -117,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         for tta in (False, True):
             started = time.monotonic()
             scores = validation_dice(run_dir, manifest, fold=args.fold, tta=tta)
-            print(f"final model, input geometry, medseg evaluation, {'with' if tta else 'without'} mirroring TTA: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-                  + f" ({time.monotonic() - started:.0f} s)")
+            print(
+                f"final model, input geometry, medseg evaluation, {'with' if tta else 'without'} mirroring TTA: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                + f" ({time.monotonic() - started:.0f} s)"
+            )
     return 0
 
 

@@ -81,16 +81,35 @@ def evaluate(
     reference: Path = typer.Option(..., "--reference", help="Folder of reference labels, or a manifest."),
     prediction: Path = typer.Option(..., "--prediction", help="Folder of predicted labels named <case_id>.<ext>."),
     out: Path = typer.Option(..., "--out", help="Output folder (tables, summary.json, report.html)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Manifest whose label map to use (default: the reference manifest's)."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Manifest whose label map to use (default: the reference manifest's)."
+    ),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data root of a reference manifest."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes scoring cases in parallel."),
-    probabilities: Optional[Path] = typer.Option(None, "--probabilities", help="Folder of probability maps (scores lesions for AP)."),
-    resample_prediction: bool = typer.Option(False, "--resample-prediction", help="Resample predictions onto the reference grid (nearest) instead of reporting a mismatch."),
-    things: Optional[List[str]] = typer.Option(None, "--thing", help="Score this structure as instances (repeatable; default: the manifest's things)."),
+    probabilities: Optional[Path] = typer.Option(
+        None, "--probabilities", help="Folder of probability maps (scores lesions for AP)."
+    ),
+    resample_prediction: bool = typer.Option(
+        False,
+        "--resample-prediction",
+        help="Resample predictions onto the reference grid (nearest) instead of reporting a mismatch.",
+    ),
+    things: Optional[List[str]] = typer.Option(
+        None, "--thing", help="Score this structure as instances (repeatable; default: the manifest's things)."
+    ),
     match: str = typer.Option("iou", "--match", help="Lesion matching: 'iou' (IoU > 0.5) or 'overlap'."),
-    connectivity: Optional[int] = typer.Option(None, "--connectivity", min=1, max=3, help="Lesion connectivity: 1 = faces ... ndim = full (default)."),
-    nsd_tolerance_mm: Optional[float] = typer.Option(None, "--nsd-tolerance-mm", min=0.0, help="NSD tolerance for every structure (default: the manifest's, else 1 mm)."),
-    subset: Optional[str] = typer.Option(None, "--subset", help="Only cases of this manifest list (e.g. test_labelled)."),
+    connectivity: Optional[int] = typer.Option(
+        None, "--connectivity", min=1, max=3, help="Lesion connectivity: 1 = faces ... ndim = full (default)."
+    ),
+    nsd_tolerance_mm: Optional[float] = typer.Option(
+        None,
+        "--nsd-tolerance-mm",
+        min=0.0,
+        help="NSD tolerance for every structure (default: the manifest's, else 1 mm).",
+    ),
+    subset: Optional[str] = typer.Option(
+        None, "--subset", help="Only cases of this manifest list (e.g. test_labelled)."
+    ),
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
 ) -> None:
     """Evaluate predictions against references: per_case.csv, summary.json, report.html."""
@@ -99,10 +118,19 @@ def evaluate(
     from medseg.evaluation.summary import summarize
 
     evaluation = run_evaluation(
-        reference, prediction, labels=labels, data_root=data_root, probabilities=probabilities,
-        things=things or None, nsd_tolerance_mm=nsd_tolerance_mm, match=match,  # type: ignore[arg-type]
+        reference,
+        prediction,
+        labels=labels,
+        data_root=data_root,
+        probabilities=probabilities,
+        things=things or None,
+        nsd_tolerance_mm=nsd_tolerance_mm,
+        match=match,  # type: ignore[arg-type]
         connectivity=connectivity,
-        resample_prediction=resample_prediction, subset=subset, workers=workers, out=out,
+        resample_prediction=resample_prediction,
+        subset=subset,
+        workers=workers,
+        out=out,
         progress=sys.stderr.isatty(),
     )
     written = write_outputs(evaluation, out, report=not no_report)
@@ -128,20 +156,36 @@ def plan(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the manifest's paths are relative to."),
     out: Path = typer.Option(Path("plans.json"), "--out", help="Plans file; fingerprint.json is written beside it."),
     workers: int = typer.Option(2, "--workers", min=1, help="Threads reading cases."),
-    memory_budget_gb: float = typer.Option(8.0, "--memory-budget-gb", min=0.01, help="Activation memory of one training batch."),
-    base_features: int = typer.Option(16, "--base-features", min=1, help="Features of the first U-Net stage (nnU-Net: 32)."),
-    augmentation: Optional[str] = typer.Option(None, "--augmentation", help="Augmentation preset: light (default, for CPU-hour budgets), mirror, or nnunet (for ~1000 GPU epochs)."),
+    memory_budget_gb: float = typer.Option(
+        8.0, "--memory-budget-gb", min=0.01, help="Activation memory of one training batch."
+    ),
+    base_features: int = typer.Option(
+        16, "--base-features", min=1, help="Features of the first U-Net stage (nnU-Net: 32)."
+    ),
+    augmentation: Optional[str] = typer.Option(
+        None,
+        "--augmentation",
+        help="Augmentation preset: light (default, for CPU-hour budgets), mirror, or nnunet (for ~1000 GPU epochs).",
+    ),
 ) -> None:
     """Fingerprint a dataset and write editable plans (3d and 2d configurations)."""
     from medseg.planning.plans import plan_dataset
     from medseg.planning.presets import DEFAULT_AUGMENTATION
 
-    plans = plan_dataset(manifest, data_root=data_root, out=out, workers=workers,
-                         memory_budget_gb=memory_budget_gb, base_features=base_features,
-                         augmentation=augmentation or DEFAULT_AUGMENTATION)
+    plans = plan_dataset(
+        manifest,
+        data_root=data_root,
+        out=out,
+        workers=workers,
+        memory_budget_gb=memory_budget_gb,
+        base_features=base_features,
+        augmentation=augmentation or DEFAULT_AUGMENTATION,
+    )
     for name, cfg in plans["configurations"].items():
-        typer.echo(f"{name}: spacing_mm {cfg['spacing_mm']} patch {cfg['patch_size']} batch {cfg['batch_size']} "
-                   f"stages {len(cfg['network']['strides'])} filters {cfg['network']['filters']}")
+        typer.echo(
+            f"{name}: spacing_mm {cfg['spacing_mm']} patch {cfg['patch_size']} batch {cfg['batch_size']} "
+            f"stages {len(cfg['network']['strides'])} filters {cfg['network']['filters']}"
+        )
     typer.echo(f"augmentation: {augmentation or DEFAULT_AUGMENTATION} {plans['augmentation']}")
     typer.echo(f"wrote {out} and {out.with_name('fingerprint.json')}")
 
@@ -154,35 +198,64 @@ def train(
     config: str = typer.Option("3d", "--config", help="3d or 2d."),
     fold: str = typer.Option("0", "--fold", help="Fold index, or 'all' for every fold in turn."),
     out: Path = typer.Option(..., "--out", help="Run folder."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Default: the plans' (unbounded with --time-limit-min)."),
-    time_limit_min: Optional[float] = typer.Option(None, "--time-limit-min", min=0.0, help="Wall-clock training budget; the schedule is compressed into it."),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", min=1, help="Default: the plans' (unbounded with --time-limit-min)."
+    ),
+    time_limit_min: Optional[float] = typer.Option(
+        None, "--time-limit-min", min=0.0, help="Wall-clock training budget; the schedule is compressed into it."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint_last.pt."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
-    postprocessing: bool = typer.Option(True, "--postprocessing/--no-postprocessing", help="Afterwards, choose keep-largest / remove-small rules on the validation cases (kept only where they raise Dice)."),
+    postprocessing: bool = typer.Option(
+        True,
+        "--postprocessing/--no-postprocessing",
+        help="Afterwards, choose keep-largest / remove-small rules on the validation cases (kept only where they raise Dice).",
+    ),
 ) -> None:
     """Train a planned U-Net on one fold (or all), with validation and checkpoints."""
     from medseg.training.loop import train as train_model
 
-    result = train_model(manifest, data_root=data_root, plans=plans, config=config, fold=fold, out_dir=out,
-                         epochs=epochs, time_limit_min=time_limit_min, device=device, resume=resume, seed=seed,
-                         num_threads=threads or None, progress=sys.stderr.isatty())
+    result = train_model(
+        manifest,
+        data_root=data_root,
+        plans=plans,
+        config=config,
+        fold=fold,
+        out_dir=out,
+        epochs=epochs,
+        time_limit_min=time_limit_min,
+        device=device,
+        resume=resume,
+        seed=seed,
+        num_threads=threads or None,
+        progress=sys.stderr.isatty(),
+    )
     runs = result if isinstance(result, list) else [result]
     for run in runs:
         dice = ", ".join(f"{k} {v:.4f}" for k, v in run["final_dice"].items())
-        typer.echo(f"fold {run['fold']}: {run['epochs']} epochs, {run['elapsed_s']:.0f} s; validation Dice: {dice}; {run['out_dir']}")
+        typer.echo(
+            f"fold {run['fold']}: {run['epochs']} epochs, {run['elapsed_s']:.0f} s; validation Dice: {dice}; {run['out_dir']}"
+        )
     if postprocessing:
         from medseg.inference.crossval import determine_postprocessing_for_runs
 
-        rules = determine_postprocessing_for_runs([r["out_dir"] for r in runs], manifest=manifest, data_root=data_root,
-                                                  device=device, progress=sys.stderr.isatty())
+        rules = determine_postprocessing_for_runs(
+            [r["out_dir"] for r in runs],
+            manifest=manifest,
+            data_root=data_root,
+            device=device,
+            progress=sys.stderr.isatty(),
+        )
         typer.echo(f"postprocessing chosen on the validation cases: {json.dumps(rules.get('rules', rules))}")
 
 
 @app.command()
 def predict(
-    model: List[Path] = typer.Option(..., "--model", help="Run folder, folder of fold_* runs, or checkpoint; repeat for an ensemble."),
+    model: List[Path] = typer.Option(
+        ..., "--model", help="Run folder, folder of fold_* runs, or checkpoint; repeat for an ensemble."
+    ),
     input: Path = typer.Option(..., "--input", help="An image file, a folder of images, or a manifest (.json)."),
     output: Path = typer.Option(..., "--output", help="Output folder: one label file per input, same name and format."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data root of a manifest input."),
@@ -190,18 +263,34 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation."),
     overlap: float = typer.Option(0.5, "--overlap", min=0.0, max=0.95, help="Sliding-window overlap fraction."),
-    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write probabilities/<case>.nii.gz."),
+    save_probabilities: bool = typer.Option(
+        False, "--save-probabilities", help="Also write probabilities/<case>.nii.gz."
+    ),
     watershed: bool = typer.Option(False, "--watershed", help="Split touching instances of thing structures."),
-    checkpoint: str = typer.Option("last", "--checkpoint", help="Checkpoint of run folders: last (default) or best (chosen on the run's own validation cases, so optimistic there)."),
+    checkpoint: str = typer.Option(
+        "last",
+        "--checkpoint",
+        help="Checkpoint of run folders: last (default) or best (chosen on the run's own validation cases, so optimistic there).",
+    ),
     no_postprocessing: bool = typer.Option(False, "--no-postprocessing", help="Ignore the run's postprocessing.json."),
 ) -> None:
     """Segment images with a trained model or fold ensemble, in each input's exact geometry."""
     from medseg.inference.batch import predict_batch
 
     result = predict_batch(
-        model[0] if len(model) == 1 else model, input, output, data_root=data_root, subset=subset, device=device,
-        tta=tta, overlap=overlap, save_probabilities=save_probabilities, watershed=watershed, which=checkpoint,
-        postprocessing=None if no_postprocessing else "auto", progress=sys.stderr.isatty(),
+        model[0] if len(model) == 1 else model,
+        input,
+        output,
+        data_root=data_root,
+        subset=subset,
+        device=device,
+        tta=tta,
+        overlap=overlap,
+        save_probabilities=save_probabilities,
+        watershed=watershed,
+        which=checkpoint,
+        postprocessing=None if no_postprocessing else "auto",
+        progress=sys.stderr.isatty(),
     )
     for case_id, message in result.failed:
         typer.echo(f"failed: {case_id}: {message}", err=True)
@@ -229,10 +318,20 @@ def demo(
 
     if data_root is not None and manifest is None:
         raise MedsegUserError("--data-root needs --manifest")
-    result = run_demo(out, manifest=manifest, data_root=data_root, train_minutes=train_minutes, device=device,
-                      tta=tta, num_threads=threads or None, progress=sys.stderr.isatty())
-    typer.echo(f"held-out Dice ({result.num_heldout} cases): "
-               + ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items()))
+    result = run_demo(
+        out,
+        manifest=manifest,
+        data_root=data_root,
+        train_minutes=train_minutes,
+        device=device,
+        tta=tta,
+        num_threads=threads or None,
+        progress=sys.stderr.isatty(),
+    )
+    typer.echo(
+        f"held-out Dice ({result.num_heldout} cases): "
+        + ", ".join(f"{name} {value:.3f}" for name, value in result.dice.items())
+    )
     typer.echo(f"report: {result.report}")
 
 
@@ -252,8 +351,10 @@ def _user_error_message(error: BaseException) -> str | None:
         return f"{where}: {error.strerror or error}"
     if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return (f"out of memory ({type(error).__name__}{': ' + first[:160] if first else ''}); "
-                "try --device cpu, fewer --workers or a smaller --overlap")
+        return (
+            f"out of memory ({type(error).__name__}{': ' + first[:160] if first else ''}); "
+            "try --device cpu, fewer --workers or a smaller --overlap"
+        )
     return None
 
 

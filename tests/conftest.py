@@ -73,8 +73,8 @@ def make_dataset(root: Path, *, num_cases: int = 3, shape=(8, 9, 7), labels=None
     """Write a tiny MSD-style dataset (NIfTI images + labels + dataset.json) under ``root``."""
     import json
 
-    from medseg.io import write_volume
     from medseg.core.volume import Volume
+    from medseg.io import write_volume
 
     rng = np.random.default_rng(1)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)

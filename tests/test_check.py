@@ -10,12 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from medseg.data.check import check_manifest
-from medseg.cli import main
-from medseg.data.manifest import load_manifest
-
 from conftest import make_dataset
+
+from medseg.cli import main
+from medseg.data.check import check_manifest
+from medseg.data.manifest import load_manifest
 
 
 def _nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -120,9 +119,7 @@ def test_all_problems_reported_at_once(tmp_path: Path, capsys) -> None:
 def test_bad_manifest_is_one_line_without_traceback(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "manifest.json"
     path.write_text(content)
-    result = subprocess.run(
-        [sys.executable, "-m", "medseg.cli", "check", str(path)], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-m", "medseg.cli", "check", str(path)], capture_output=True, text=True)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

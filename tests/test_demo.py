@@ -51,9 +51,18 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_budget(tmp_path, restore_torch_t
     from medseg.apps.demo import run_demo
 
     messages: list[str] = []
-    result = run_demo(tmp_path / "demo", train_minutes=0.1, num_training=5, num_test=2, shape=(24, 28, 24),
-                      device="cpu", num_threads=1, tta=False, progress=False,
-                      log=messages.append)
+    result = run_demo(
+        tmp_path / "demo",
+        train_minutes=0.1,
+        num_training=5,
+        num_test=2,
+        shape=(24, 28, 24),
+        device="cpu",
+        num_threads=1,
+        tta=False,
+        progress=False,
+        log=messages.append,
+    )
     assert result.report.is_file() and (result.evaluation / "per_case.csv").is_file()
     assert (result.run_dir / "checkpoint_best.pt").is_file() and (result.predictions / "medseg_predict.json").is_file()
     assert sorted(p.name for p in result.predictions.glob("*.nii.gz")) == ["synth_te000.nii.gz", "synth_te001.nii.gz"]

@@ -11,12 +11,11 @@ import pandas as pd
 import pytest
 
 from medseg.cli import main
-from medseg.evaluation import PER_CASE_COLUMNS, EvaluationSettings, evaluate, evaluate_pair
-from medseg.errors import GeometryMismatchError, LabelValueError
-from medseg.io import write_volume
 from medseg.core.labels import LabelSet
-from medseg.evaluation import summarize, write_outputs
 from medseg.core.volume import Volume
+from medseg.errors import GeometryMismatchError, LabelValueError
+from medseg.evaluation import PER_CASE_COLUMNS, EvaluationSettings, evaluate, evaluate_pair, summarize, write_outputs
+from medseg.io import write_volume
 
 LABELS = LabelSet.from_manifest({"0": "background", "1": "a", "2": "b"}, regions={"ab": [1, 2]})
 
@@ -27,13 +26,13 @@ def _volume(array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Volume:
 
 def _cube(shape=(20, 20, 10), low=(5, 5, 3), high=(10, 10, 6), value=1, into=None) -> np.ndarray:
     array = np.zeros(shape, np.uint8) if into is None else into
-    array[low[0]:high[0], low[1]:high[1], low[2]:high[2]] = value
+    array[low[0] : high[0], low[1] : high[1], low[2] : high[2]] = value
     return array
 
 
 def test_pair_hand_worked_values() -> None:
-    reference = _cube()                                   # 5x5x3 = 75 voxels of label 1
-    prediction = _cube(low=(6, 5, 3), high=(11, 10, 6))   # shifted by 1 voxel along x (1 mm)
+    reference = _cube()  # 5x5x3 = 75 voxels of label 1
+    prediction = _cube(low=(6, 5, 3), high=(11, 10, 6))  # shifted by 1 voxel along x (1 mm)
     settings = EvaluationSettings(labels=LABELS)
     result = evaluate_pair(_volume(reference), _volume(prediction), settings=settings, case_id="c1")
     rows = {r["structure"]: r for r in result.rows}
@@ -52,8 +51,10 @@ def test_pair_hand_worked_values() -> None:
 def test_pair_empty_statuses() -> None:
     reference = _cube(value=1)
     prediction = _cube(value=2)
-    rows = {r["structure"]: r for r in evaluate_pair(_volume(reference), _volume(prediction),
-                                                     settings=EvaluationSettings(labels=LABELS)).rows}
+    rows = {
+        r["structure"]: r
+        for r in evaluate_pair(_volume(reference), _volume(prediction), settings=EvaluationSettings(labels=LABELS)).rows
+    }
     assert rows["a"]["status"] == "pred_empty" and rows["a"]["dice"] == 0 and np.isnan(rows["a"]["hd95_mm"])
     assert rows["b"]["status"] == "ref_empty" and rows["b"]["dice"] == 0 and np.isnan(rows["b"]["nsd"])
     assert rows["ab"]["status"] == "ok" and rows["ab"]["dice"] == 1.0 and rows["ab"]["hd_mm"] == 0.0
@@ -104,8 +105,14 @@ def test_batch_statuses_errors_and_cache(tmp_path: Path) -> None:
     out = tmp_path / "out"
     evaluation = evaluate(ref_dir, pred_dir, labels=LABELS, out=out, workers=2)
     statuses = evaluation.cases.set_index("case_id")["status"].to_dict()
-    assert statuses == {"case0": "ok", "case1": "ok", "case2": "error", "case3": "missing_prediction",
-                        "case4": "error", "orphan": "no_reference"}
+    assert statuses == {
+        "case0": "ok",
+        "case1": "ok",
+        "case2": "error",
+        "case3": "missing_prediction",
+        "case4": "error",
+        "orphan": "no_reference",
+    }
     messages = evaluation.cases.set_index("case_id")["message"]
     assert "case2.nii.gz: cannot read" in messages["case2"]
     assert "case4.nii.gz vs" in messages["case4"] and "shape" in messages["case4"]
@@ -121,7 +128,13 @@ def test_batch_statuses_errors_and_cache(tmp_path: Path) -> None:
     assert {"per_case", "cases", "summary", "report"} <= set(written)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["structures"]["a"]["status_counts"] == {
-        "ok": 2, "both_empty": 0, "ref_empty": 0, "pred_empty": 0, "missing_prediction": 1, "error": 2}
+        "ok": 2,
+        "both_empty": 0,
+        "ref_empty": 0,
+        "pred_empty": 0,
+        "missing_prediction": 1,
+        "error": 2,
+    }
     assert summary["structures"]["a"]["dice"]["n_scored"] == 2
     assert [f["case_id"] for f in summary["failed_cases"]] == ["case2", "case4"]
     html = (out / "report.html").read_text()
@@ -156,15 +169,40 @@ def test_cli_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     manifest = tmp_path / "labels.json"
     manifest.write_text(json.dumps({"labels": {"0": "background", "1": "a", "2": "b"}}))
     out = tmp_path / "out"
-    code = main(["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir),
-                 "--labels", str(manifest), "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--reference",
+            str(ref_dir),
+            "--prediction",
+            str(pred_dir),
+            "--labels",
+            str(manifest),
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "evaluated 4 cases (3 ok, 1 missing_prediction)" in captured.out
     table = pd.read_csv(out / "per_case.csv")
     assert list(table.columns[: len(PER_CASE_COLUMNS)]) == PER_CASE_COLUMNS
-    assert main(["evaluate", "--reference", str(tmp_path / "nope"), "--prediction", str(pred_dir),
-                 "--labels", str(manifest), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--reference",
+                str(tmp_path / "nope"),
+                "--prediction",
+                str(pred_dir),
+                "--labels",
+                str(manifest),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "nope: not a folder" in capsys.readouterr().err
     assert not list(out.glob(".*.partial*"))
     assert os.path.exists(out / "report.html")

@@ -15,9 +15,9 @@ import pytest
 from scipy import ndimage
 
 from medseg.cli import main
+from medseg.data.manifest import load_manifest
 from medseg.evaluation import evaluate
 from medseg.io import read_volume, write_volume
-from medseg.data.manifest import load_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "data_manifests"
 pytestmark = pytest.mark.shared_data
@@ -58,7 +58,7 @@ def test_brats_regions(shared_data: Path, tmp_path: Path) -> None:
     evaluation = evaluate(manifest, tmp_path / "pred")
     rows = evaluation.per_case[evaluation.per_case.case_id == case.case_id].set_index("structure")
     assert rows.loc["whole_tumour", "dice"] == 1.0
-    assert rows.loc["tumour_core", "dice"] == 1.0      # {1, 3, 4}: 4 -> 1 stays inside the core
+    assert rows.loc["tumour_core", "dice"] == 1.0  # {1, 3, 4}: 4 -> 1 stays inside the core
     assert rows.loc["enhancing_tumour", "status"] == "pred_empty"
     assert rows.loc["enhancing_tumour", "dice"] == 0.0
     assert rows.loc["tumour_core", "label"] == "1+3+4"
@@ -76,9 +76,20 @@ def test_ms_lesions_lesion_wise(shared_data: Path, tmp_path: Path) -> None:
         array[np.isin(components, smallest)] = 0
         write_volume(label.with_array(array), tmp_path / "pred" / f"{case.case_id}.nii.gz")
     out = tmp_path / "out"
-    code = main(["evaluate", "--reference", str(MANIFESTS / "ms_lesions.json"),
-                 "--data-root", str(shared_data / "ms_lesions_lesjak"),
-                 "--prediction", str(tmp_path / "pred"), "--out", str(out), "--no-report"])
+    code = main(
+        [
+            "evaluate",
+            "--reference",
+            str(MANIFESTS / "ms_lesions.json"),
+            "--data-root",
+            str(shared_data / "ms_lesions_lesjak"),
+            "--prediction",
+            str(tmp_path / "pred"),
+            "--out",
+            str(out),
+            "--no-report",
+        ]
+    )
     assert code == 0
     summary = pd.read_csv(out / "lesion_summary.csv").set_index("case_id")
     for case_id, count in expected_lesions.items():

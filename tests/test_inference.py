@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 
 from conftest import oblique_affine  # noqa: E402
 
-from medseg.errors import CheckpointError, MedsegUserError  # noqa: E402
 from medseg.core.labels import LabelSet  # noqa: E402
 from medseg.core.volume import Volume  # noqa: E402
+from medseg.errors import CheckpointError, MedsegUserError  # noqa: E402
 
 LABELS = {"0": "background", "1": "a", "2": "b"}
 
@@ -29,19 +29,46 @@ def tiny_plans(*, spacing=(1.0, 1.0, 1.5), channels=("MRI",)) -> dict:
         "dataset": {"name": "tiny", "labels": LABELS, "regions": {}, "channels": list(channels)},
         "normalization": [{"channel": c, "scheme": "zscore"} for c in channels],
         "configurations": {
-            "3d": {"spatial_dims": 3, "spacing_mm": list(spacing), "patch_size": [16, 16, 16], "batch_size": 2,
-                   "network": {"architecture": "DynUNet", "filters": [4, 8, 8], "kernel_size": [[3, 3, 3]] * 3,
-                               "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "deep_supervision": False}},
-            "2d": {"spatial_dims": 2, "slice_axis": 2, "spacing_mm": list(spacing), "patch_size": [16, 16],
-                   "batch_size": 2,
-                   "network": {"architecture": "DynUNet", "filters": [4, 8, 8], "kernel_size": [[3, 3]] * 3,
-                               "strides": [[1, 1], [2, 2], [2, 2]], "deep_supervision": False}},
+            "3d": {
+                "spatial_dims": 3,
+                "spacing_mm": list(spacing),
+                "patch_size": [16, 16, 16],
+                "batch_size": 2,
+                "network": {
+                    "architecture": "DynUNet",
+                    "filters": [4, 8, 8],
+                    "kernel_size": [[3, 3, 3]] * 3,
+                    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                    "deep_supervision": False,
+                },
+            },
+            "2d": {
+                "spatial_dims": 2,
+                "slice_axis": 2,
+                "spacing_mm": list(spacing),
+                "patch_size": [16, 16],
+                "batch_size": 2,
+                "network": {
+                    "architecture": "DynUNet",
+                    "filters": [4, 8, 8],
+                    "kernel_size": [[3, 3]] * 3,
+                    "strides": [[1, 1], [2, 2], [2, 2]],
+                    "deep_supervision": False,
+                },
+            },
         },
     }
 
 
-def write_checkpoint(run_dir: Path, *, plans: dict | None = None, config: str = "3d", seed: int = 0,
-                     labels: dict | None = None, things=()) -> Path:
+def write_checkpoint(
+    run_dir: Path,
+    *,
+    plans: dict | None = None,
+    config: str = "3d",
+    seed: int = 0,
+    labels: dict | None = None,
+    things=(),
+) -> Path:
     """A run folder with checkpoint_last.pt and checkpoint_best.pt holding a randomly initialised tiny network."""
     import json
 
@@ -51,10 +78,16 @@ def write_checkpoint(run_dir: Path, *, plans: dict | None = None, config: str = 
     plans = plans or tiny_plans()
     label_set = LabelSet.from_manifest(labels or LABELS)
     torch.manual_seed(seed)
-    network = build_network(plans["configurations"][config], in_channels=len(plans["normalization"]),
-                            out_channels=label_set.num_classes)
-    content = {"model": network.state_dict(), "plans": plans, "config": config, "labels": label_set.to_json(),
-               "channels": ["MRI"]}
+    network = build_network(
+        plans["configurations"][config], in_channels=len(plans["normalization"]), out_channels=label_set.num_classes
+    )
+    content = {
+        "model": network.state_dict(),
+        "plans": plans,
+        "config": config,
+        "labels": label_set.to_json(),
+        "channels": ["MRI"],
+    }
     save_checkpoint(content, run_dir / "checkpoint_best.pt")
     path = save_checkpoint(content, run_dir / "checkpoint_last.pt")
     (run_dir / "resolved_config.json").write_text(json.dumps({"manifest": {"things": list(things)}}))
@@ -77,8 +110,15 @@ class IntensityNet(torch.nn.Module):
 def segmenter(network, *, plans=None, config="3d", labels=None, tta=False, **kwargs):
     from medseg.inference import Segmenter
 
-    return Segmenter([network], plans=plans or tiny_plans(), config=config,
-                     labels=LabelSet.from_manifest(labels or LABELS), device="cpu", tta=tta, **kwargs)
+    return Segmenter(
+        [network],
+        plans=plans or tiny_plans(),
+        config=config,
+        labels=LabelSet.from_manifest(labels or LABELS),
+        device="cpu",
+        tta=tta,
+        **kwargs,
+    )
 
 
 def smooth_volume(affine: np.ndarray, shape=(30, 25, 20)) -> tuple[Volume, np.ndarray]:
@@ -103,8 +143,11 @@ def test_prediction_has_input_shape_and_affine_oblique_anisotropic(tmp_path):
     write_checkpoint(tmp_path / "run")
     seg = Segmenter.from_checkpoint(tmp_path / "run", device="cpu", tta=False)
     affine = oblique_affine(spacing_mm=(0.7, 1.1, 3.0))
-    image = Volume(np.random.default_rng(0).normal(size=(1, 23, 19, 9)).astype(np.float32) + 3, affine,
-                   meta={"path": "x.nii.gz", "nifti_sform_code": 2})
+    image = Volume(
+        np.random.default_rng(0).normal(size=(1, 23, 19, 9)).astype(np.float32) + 3,
+        affine,
+        meta={"path": "x.nii.gz", "nifti_sform_code": 2},
+    )
     label = seg.predict(image)
     assert label.kind == "label" and label.spatial_shape == image.spatial_shape
     assert np.array_equal(label.affine, image.affine)
@@ -161,8 +204,15 @@ def test_prediction_and_validation_share_one_engine(config, tta):
     image = Volume(np.random.default_rng(2).normal(size=(1, 30, 25, 12)).astype(np.float32), oblique_affine())
     data = inference_transforms(plans, config)({"image": image})
     ours = seg._ensemble_probabilities(data["image"].as_tensor().float())
-    logits = sliding_window_logits(network, data["image"], plans_config=plans["configurations"][config],
-                                   num_classes=3, overlap=0.5, mirror=tta, sw_batch_size=seg.sw_batch_size)
+    logits = sliding_window_logits(
+        network,
+        data["image"],
+        plans_config=plans["configurations"][config],
+        num_classes=3,
+        overlap=0.5,
+        mirror=tta,
+        sw_batch_size=seg.sw_batch_size,
+    )
     assert ours.shape == logits.shape
     assert float((ours - torch.softmax(logits, 0)).abs().max()) < 1e-5
 
@@ -249,8 +299,12 @@ def test_fold_ensemble_is_the_mean_of_fold_softmaxes(tmp_path):
     image = Volume(np.random.default_rng(8).normal(size=(1, 18, 17, 9)).astype(np.float32), oblique_affine())
     ensemble = Segmenter.from_checkpoint(tmp_path / "model", device="cpu", tta=False)
     assert len(ensemble.networks) == 2 and len(ensemble.describe()["checkpoints"]) == 2
-    folds = [Segmenter.from_checkpoint(tmp_path / "model" / f"fold_{k}", device="cpu", tta=False)
-             .predict_probabilities(image).array for k in range(2)]
+    folds = [
+        Segmenter.from_checkpoint(tmp_path / "model" / f"fold_{k}", device="cpu", tta=False)
+        .predict_probabilities(image)
+        .array
+        for k in range(2)
+    ]
     assert np.abs(folds[0] - folds[1]).max() > 1e-3
     assert np.abs(ensemble.predict_probabilities(image).array - (folds[0] + folds[1]) / 2).max() < 1e-5
 
@@ -268,19 +322,24 @@ def test_folds_with_different_plans_are_refused(tmp_path):
 # bad inputs
 # ---------------------------------------------------------------------------------------------
 def test_bad_checkpoints_give_clear_errors(tmp_path):
-    from medseg.model.checkpoint import save_checkpoint
     from medseg.inference import Segmenter
+    from medseg.model.checkpoint import save_checkpoint
 
     good = write_checkpoint(tmp_path / "run")
     not_a_checkpoint = tmp_path / "notes.pt"
     not_a_checkpoint.write_text("hello")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    newer = save_checkpoint({"format_version": 99, "model": {}, "plans": {}, "config": "3d", "labels": {}},
-                            tmp_path / "newer.pt")
-    for path, pattern in ((not_a_checkpoint, "not a readable checkpoint"), (truncated, "not a readable checkpoint"),
-                          (newer, "newer"), (tmp_path / "missing.pt", "not found"),
-                          (tmp_path / "empty_dir", "checkpoint_last.pt")):
+    newer = save_checkpoint(
+        {"format_version": 99, "model": {}, "plans": {}, "config": "3d", "labels": {}}, tmp_path / "newer.pt"
+    )
+    for path, pattern in (
+        (not_a_checkpoint, "not a readable checkpoint"),
+        (truncated, "not a readable checkpoint"),
+        (newer, "newer"),
+        (tmp_path / "missing.pt", "not found"),
+        (tmp_path / "empty_dir", "checkpoint_last.pt"),
+    ):
         if path.name == "empty_dir":
             path.mkdir()
         with pytest.raises(CheckpointError, match=pattern) as caught:

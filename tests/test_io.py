@@ -9,14 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import oblique_affine
 
-from medseg.errors import InvalidFileError, LabelValueError, OutputError
 from medseg.core.itk import to_sitk
 from medseg.core.labels import as_label_array
-from medseg.io import read_channels, read_volume, strip_volume_suffix, write_volume
 from medseg.core.volume import Volume
-
-from conftest import oblique_affine
+from medseg.errors import InvalidFileError, LabelValueError, OutputError
+from medseg.io import read_channels, read_volume, strip_volume_suffix, write_volume
 
 RNG = np.random.default_rng(0)
 

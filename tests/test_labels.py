@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medseg.errors import ManifestError
 from medseg.core.labels import LabelSet
+from medseg.errors import ManifestError
 
 
 def test_msd_and_nnunet_styles_agree() -> None:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from medseg.errors import ManifestError
-from medseg.data import kfold_split, load_manifest
-
 from conftest import make_dataset
+
+from medseg.data import kfold_split, load_manifest
+from medseg.errors import ManifestError
 
 
 def test_plain_msd_dataset_json(tmp_path: Path) -> None:
@@ -120,8 +119,10 @@ def test_case_ids_must_be_plain_file_names(tmp_path: Path, case_id: str) -> None
 
 @pytest.mark.parametrize(
     "key, value, message",
-    [("raters", ["x"], "'raters' must be a JSON object"),
-     ("label_value_map", {"label": {"one": 2}}, "must map stored values to label ids")],
+    [
+        ("raters", ["x"], "'raters' must be a JSON object"),
+        ("label_value_map", {"label": {"one": 2}}, "must map stored values to label ids"),
+    ],
 )
 def test_mistyped_superset_keys(tmp_path: Path, key: str, value, message: str) -> None:
     path = make_dataset(tmp_path, num_cases=2)

@@ -219,9 +219,16 @@ def test_ap_each_reference_matched_once():
         iou_threshold=0.5,
     )
     assert ap == pytest.approx(1.0)
-    assert math.isnan(average_precision(scores=np.array([0.5]), pair_pred_index=np.array([], int),
-                                        pair_ref_index=np.array([], int), pair_iou=np.array([]), n_ref=0,
-                                        iou_threshold=0.5))
+    assert math.isnan(
+        average_precision(
+            scores=np.array([0.5]),
+            pair_pred_index=np.array([], int),
+            pair_ref_index=np.array([], int),
+            pair_iou=np.array([]),
+            n_ref=0,
+            iou_threshold=0.5,
+        )
+    )
 
 
 def test_ap_from_scores_and_from_probabilities():
@@ -244,8 +251,9 @@ def test_ap_from_scores_and_from_probabilities():
 def test_lesion_metrics_validation():
     ref, pred = _one_matched_one_missed_one_fp()
     with pytest.raises(ValueError, match="not both"):
-        lesion_metrics(ref, pred, spacing_mm=(1, 1), prediction_scores={1: 1.0, 2: 1.0},
-                       probabilities=np.zeros((10, 10)))
+        lesion_metrics(
+            ref, pred, spacing_mm=(1, 1), prediction_scores={1: 1.0, 2: 1.0}, probabilities=np.zeros((10, 10))
+        )
     with pytest.raises(ValueError, match=r"no score for predicted instances \[2\]"):
         lesion_metrics(ref, pred, spacing_mm=(1, 1), prediction_scores={1: 1.0})
     with pytest.raises(ValueError, match="criterion"):
@@ -306,9 +314,7 @@ def test_pq_counts_match_monai_on_random_instances():
 
 # --------------------------------------------------------------------------- real lesions
 @pytest.mark.shared_data
-@pytest.mark.parametrize(
-    "case, n26, n6", [("patient07", 37, 49), ("patient19", 98, 140), ("patient26", 19, 27)]
-)
+@pytest.mark.parametrize("case, n26, n6", [("patient07", 37, 49), ("patient19", 98, 140), ("patient26", 19, 27)])
 def test_ms_lesions_lesjak_counts_and_self_match(case, n26, n6):
     nib = pytest.importorskip("nibabel")
     folder = SHARED_DATA / "ms_lesions_lesjak" / case

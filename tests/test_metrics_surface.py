@@ -187,8 +187,10 @@ def test_translation_and_padding_invariance_3d():
     pred = _blob((14, 15, 16), rng)
     base = surface_metrics(ref, pred, spacing_mm=(0.7, 1.1, 2.5), nsd_tolerance_mm=1.5)
     shifted = surface_metrics(
-        np.pad(ref, ((5, 0), (0, 7), (2, 3))), np.pad(pred, ((5, 0), (0, 7), (2, 3))),
-        spacing_mm=(0.7, 1.1, 2.5), nsd_tolerance_mm=1.5,
+        np.pad(ref, ((5, 0), (0, 7), (2, 3))),
+        np.pad(pred, ((5, 0), (0, 7), (2, 3))),
+        spacing_mm=(0.7, 1.1, 2.5),
+        nsd_tolerance_mm=1.5,
     )
     assert shifted == pytest.approx(base, abs=1e-12)
 
@@ -267,16 +269,21 @@ def test_multi_equals_single_structure_calls():
     pred[pred == 3] = 0  # missing structure
     pred[25:28, 20:24, 15:18] = 7  # label absent from the reference
     tolerances = {1: 1.0, 2: 2.0, 3: 1.0, 7: 0.5, 9: 1.0}
-    out = surface_metrics_multi(ref, pred, labels=[1, 2, 3, 7, 9], spacing_mm=(0.9, 1.1, 2.0),
-                                nsd_tolerance_mm=tolerances)
+    out = surface_metrics_multi(
+        ref, pred, labels=[1, 2, 3, 7, 9], spacing_mm=(0.9, 1.1, 2.0), nsd_tolerance_mm=tolerances
+    )
     for lab in (1, 2):
-        single = surface_metrics(ref == lab, pred == lab, spacing_mm=(0.9, 1.1, 2.0),
-                                 nsd_tolerance_mm=tolerances[lab])
+        single = surface_metrics(ref == lab, pred == lab, spacing_mm=(0.9, 1.1, 2.0), nsd_tolerance_mm=tolerances[lab])
         assert out[lab] == pytest.approx(single, abs=1e-12)
     for lab in (3, 7, 9):
         assert all(math.isnan(v) for v in out[lab].values())
-    fortran = surface_metrics_multi(np.asfortranarray(ref), np.asfortranarray(pred).astype(np.int32),
-                                    labels=[1, 2, 3, 7, 9], spacing_mm=(0.9, 1.1, 2.0), nsd_tolerance_mm=tolerances)
+    fortran = surface_metrics_multi(
+        np.asfortranarray(ref),
+        np.asfortranarray(pred).astype(np.int32),
+        labels=[1, 2, 3, 7, 9],
+        spacing_mm=(0.9, 1.1, 2.0),
+        nsd_tolerance_mm=tolerances,
+    )
     for lab in out:
         assert fortran[lab] == pytest.approx(out[lab], nan_ok=True)
 

@@ -18,6 +18,8 @@ def test_notebook_runs_and_is_stripped(path: Path) -> None:
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name}: outputs not stripped"
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors

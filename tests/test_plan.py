@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA, make_dataset
-from medseg.errors import LabelValueError, MedsegUserError
+
 from medseg.data.manifest import load_manifest
+from medseg.errors import LabelValueError, MedsegUserError
 from medseg.planning import (
     AUGMENTATION_DEFAULTS,
     AUGMENTATION_PRESETS,
@@ -26,8 +26,12 @@ from medseg.planning import (
 
 def _fingerprint(spacings, shapes, channels=("MRI",)):
     return {
-        "dataset": {"name": "synthetic", "labels": {"0": "background", "1": "organ"}, "regions": {},
-                    "channels": list(channels)},
+        "dataset": {
+            "name": "synthetic",
+            "labels": {"0": "background", "1": "organ"},
+            "regions": {},
+            "channels": list(channels),
+        },
         "spacings_mm": spacings,
         "shapes": shapes,
         "intensity": [

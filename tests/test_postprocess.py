@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from medseg.errors import MedsegUserError
 from medseg.core.labels import LabelSet
+from medseg.core.volume import Volume
+from medseg.errors import MedsegUserError
 from medseg.inference.postprocess import (
     PANOPTIC_DIVISOR,
     apply_postprocessing,
@@ -19,7 +20,6 @@ from medseg.inference.postprocess import (
     remove_small_components,
     save_postprocessing,
 )
-from medseg.core.volume import Volume
 
 LABELS = LabelSet.from_manifest({"0": "background", "1": "organ", "2": "lesion"})
 
@@ -96,12 +96,13 @@ def test_apply_postprocessing_uses_mm3_and_sets_removed_voxels_to_background():
 
 def test_rules_round_trip_and_are_applied_by_the_segmenter(tmp_path):
     torch = pytest.importorskip("torch")
-    from medseg.inference import Segmenter
-
     from test_inference import IntensityNet, tiny_plans
 
-    path = save_postprocessing({"format_version": 1, "rules": {"a": {"keep_largest": True, "min_size_mm3": None}}},
-                               tmp_path)
+    from medseg.inference import Segmenter
+
+    path = save_postprocessing(
+        {"format_version": 1, "rules": {"a": {"keep_largest": True, "min_size_mm3": None}}}, tmp_path
+    )
     assert path.name == "postprocessing.json" and load_postprocessing(tmp_path)["rules"]["a"]["keep_largest"]
     array = np.full((1, 24, 24, 16), 1.0, np.float32)
     array[0][ball((24, 24, 16), (7, 7, 8), 5)] = 10.0
@@ -109,8 +110,15 @@ def test_rules_round_trip_and_are_applied_by_the_segmenter(tmp_path):
     image = Volume(array, np.diag([1.0, 1.0, 1.5, 1.0]))
     labels = LabelSet.from_manifest({"0": "background", "1": "a", "2": "b"})
     plain = Segmenter([IntensityNet()], plans=tiny_plans(), config="3d", labels=labels, device="cpu", tta=False)
-    cleaned = Segmenter([IntensityNet()], plans=tiny_plans(), config="3d", labels=labels, device="cpu", tta=False,
-                        postprocessing=load_postprocessing(path))
+    cleaned = Segmenter(
+        [IntensityNet()],
+        plans=tiny_plans(),
+        config="3d",
+        labels=labels,
+        device="cpu",
+        tta=False,
+        postprocessing=load_postprocessing(path),
+    )
     before, after = plain.predict(image).array[0], cleaned.predict(image).array[0]
     assert before[18, 18, 8] == 1 and after[18, 18, 8] == 0 and after[7, 7, 8] == 1
     assert torch is not None
@@ -143,8 +151,9 @@ def test_watershed_splits_touching_lesions():
     array = np.zeros(shape, np.uint8)
     array[ball(shape, (12, 15, 15), 7) | ball(shape, (25, 15, 15), 7)] = 2  # two overlapping balls, one component
     plain, _ = instance_maps(array, labels=LABELS, things=("lesion",), spacing_mm=(1, 1, 1))
-    split, panoptic = instance_maps(array, labels=LABELS, things=("lesion",), spacing_mm=(1, 1, 1), watershed=True,
-                                    min_distance_mm=5.0)
+    split, panoptic = instance_maps(
+        array, labels=LABELS, things=("lesion",), spacing_mm=(1, 1, 1), watershed=True, min_distance_mm=5.0
+    )
     assert plain.max() == 1
     assert split.max() == 2 and split[12, 15, 15] != split[25, 15, 15]
     assert np.array_equal(split > 0, array > 0)
@@ -154,9 +163,9 @@ def test_watershed_splits_touching_lesions():
 def test_rules_from_runs_predict_each_folds_validation_cases(tmp_path):
     torch = pytest.importorskip("torch")
     from conftest import make_dataset
-    from medseg.inference import determine_postprocessing_for_runs
-
     from test_inference import write_checkpoint
+
+    from medseg.inference import determine_postprocessing_for_runs
 
     manifest = make_dataset(tmp_path / "data", num_cases=3)
     previous = torch.get_num_threads()
@@ -166,9 +175,14 @@ def test_rules_from_runs_predict_each_folds_validation_cases(tmp_path):
         for fold, cases in enumerate((["case_000"], ["case_001", "case_002"])):
             run = tmp_path / "model" / f"fold_{fold}"
             write_checkpoint(run, seed=fold, labels={"0": "background", "1": "front", "2": "back"})
-            (run / "resolved_config.json").write_text(json.dumps({
-                "manifest": {"path": str(manifest), "data_root": str(tmp_path / "data"), "things": []},
-                "validation_cases": cases}))
+            (run / "resolved_config.json").write_text(
+                json.dumps(
+                    {
+                        "manifest": {"path": str(manifest), "data_root": str(tmp_path / "data"), "things": []},
+                        "validation_cases": cases,
+                    }
+                )
+            )
             runs.append(run)
         rules = determine_postprocessing_for_runs(runs, device="cpu", progress=False)
     finally:

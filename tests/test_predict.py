@@ -12,11 +12,10 @@ torch = pytest.importorskip("torch")
 from conftest import make_dataset, oblique_affine  # noqa: E402
 from test_inference import write_checkpoint  # noqa: E402
 
-from medseg.errors import MedsegUserError  # noqa: E402
-from medseg.io import read_volume, write_volume  # noqa: E402
-from medseg.inference.batch import RECORD_FILE, collect_inputs, predict_batch  # noqa: E402
 from medseg.core.volume import Volume  # noqa: E402
-
+from medseg.errors import MedsegUserError  # noqa: E402
+from medseg.inference.batch import RECORD_FILE, collect_inputs, predict_batch  # noqa: E402
+from medseg.io import read_volume, write_volume  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,8 +24,10 @@ def _inputs(folder, count=3):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for index in range(count):
-        write_volume(Volume(rng.normal(size=(1, 14, 12, 6)).astype(np.float32) + 2, oblique_affine()),
-                     folder / f"case_{index}.nii.gz")
+        write_volume(
+            Volume(rng.normal(size=(1, 14, 12, 6)).astype(np.float32) + 2, oblique_affine()),
+            folder / f"case_{index}.nii.gz",
+        )
     return folder
 
 
@@ -75,8 +76,16 @@ def test_rerun_skips_complete_outputs_and_redoes_changed_ones(tmp_path):
 def test_manifest_input_with_subset_and_formats(tmp_path):
     manifest = make_dataset(tmp_path / "data", num_cases=3)
     write_checkpoint(tmp_path / "run", things=("back",), labels={"0": "background", "1": "front", "2": "back"})
-    result = predict_batch(tmp_path / "run", manifest, tmp_path / "out", device="cpu", tta=False,
-                           save_probabilities=True, subset="training", progress=False)
+    result = predict_batch(
+        tmp_path / "run",
+        manifest,
+        tmp_path / "out",
+        device="cpu",
+        tta=False,
+        save_probabilities=True,
+        subset="training",
+        progress=False,
+    )
     assert sorted(result.predicted) == ["case_000", "case_001", "case_002"]
     probabilities = read_volume(tmp_path / "out" / "probabilities" / "case_000.nii.gz")
     assert probabilities.num_channels == 3 and np.allclose(probabilities.array.sum(0), 1.0, atol=1e-4)
@@ -90,8 +99,9 @@ def test_manifest_input_with_subset_and_formats(tmp_path):
 
 
 def test_output_keeps_name_and_format_of_2d_and_itk_inputs(tmp_path):
-    from medseg.io import volume_suffix
     from test_inference import tiny_plans
+
+    from medseg.io import volume_suffix
 
     plans = tiny_plans()
     plans["configurations"]["3d"] = {**plans["configurations"]["2d"], "spacing_mm": [1.0, 1.0]}
@@ -116,7 +126,9 @@ def test_multichannel_folder_grouping(tmp_path):
             (folder / f"{case}_{channel:04d}.nii.gz").write_bytes(b"")
     jobs = collect_inputs(folder, num_channels=2)
     assert [(j.case_id, [p.name for p in j.images], j.output_name) for j in jobs] == [
-        ("a", ["a_0000.nii.gz", "a_0001.nii.gz"], "a.nii.gz"), ("b", ["b_0000.nii.gz", "b_0001.nii.gz"], "b.nii.gz")]
+        ("a", ["a_0000.nii.gz", "a_0001.nii.gz"], "a.nii.gz"),
+        ("b", ["b_0000.nii.gz", "b_0001.nii.gz"], "b.nii.gz"),
+    ]
     (folder / "b_0001.nii.gz").unlink()
     with pytest.raises(MedsegUserError, match="'b' has channels"):
         collect_inputs(folder, num_channels=2)

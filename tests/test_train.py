@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_dataset
-from medseg.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from medseg.errors import CheckpointError, LabelValueError, ManifestError, MedsegUserError
+
 from medseg.data.manifest import load_manifest
-from medseg.planning import fingerprint_dataset, make_plans
+from medseg.errors import CheckpointError, LabelValueError, ManifestError, MedsegUserError
 from medseg.metrics.overlap import dice_per_structure
+from medseg.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from medseg.planning import fingerprint_dataset, make_plans
 from medseg.training import train
 
 SMALL = dict(iterations_per_epoch=2, validate_every=1, batch_size=2, progress=False, device="cpu")
@@ -33,8 +33,13 @@ def _weights(run):
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path) -> None:
     net = torch.nn.Conv3d(1, 2, 3)
-    content = {"model": net.state_dict(), "plans": {"a": [1, 2]}, "config": "3d",
-               "labels": {"labels": {"0": "bg"}}, "training": {"rng": {"torch": torch.get_rng_state()}}}
+    content = {
+        "model": net.state_dict(),
+        "plans": {"a": [1, 2]},
+        "config": "3d",
+        "labels": {"labels": {"0": "bg"}},
+        "training": {"rng": {"torch": torch.get_rng_state()}},
+    }
     path = save_checkpoint(content, tmp_path / "c.pt")
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == CHECKPOINT_FORMAT
@@ -48,8 +53,9 @@ def test_bad_checkpoints_raise_checkpoint_error(tmp_path) -> None:
     (tmp_path / "text.pt").write_text("hello, not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "text.pt")
-    good = save_checkpoint({"model": {"w": torch.randn(100, 100)}, "plans": {}, "config": "3d", "labels": {}},
-                           tmp_path / "good.pt")
+    good = save_checkpoint(
+        {"model": {"w": torch.randn(100, 100)}, "plans": {}, "config": "3d", "labels": {}}, tmp_path / "good.pt"
+    )
     data = good.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -57,8 +63,10 @@ def test_bad_checkpoints_raise_checkpoint_error(tmp_path) -> None:
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a medseg checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
-    torch.save({"format": CHECKPOINT_FORMAT, "format_version": 99, "model": {}, "plans": {}, "config": "3d",
-                "labels": {}}, tmp_path / "future.pt")
+    torch.save(
+        {"format": CHECKPOINT_FORMAT, "format_version": 99, "model": {}, "plans": {}, "config": "3d", "labels": {}},
+        tmp_path / "future.pt",
+    )
     with pytest.raises(CheckpointError, match="newer"):
         load_checkpoint(tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="not found"):
@@ -95,8 +103,14 @@ def test_resume_continues_exactly(dataset, tmp_path) -> None:
 
 def test_time_limit_ends_training_cleanly(dataset, tmp_path) -> None:
     manifest, plans = dataset
-    result = train(manifest, plans=plans, out_dir=tmp_path / "timed", time_limit_min=0.04, seed=0,
-                   **{**SMALL, "iterations_per_epoch": 1})
+    result = train(
+        manifest,
+        plans=plans,
+        out_dir=tmp_path / "timed",
+        time_limit_min=0.04,
+        seed=0,
+        **{**SMALL, "iterations_per_epoch": 1},
+    )
     assert result["epochs"] >= 1
     assert result["elapsed_s"] < 0.04 * 60 + 5
     rows = list(csv.DictReader(open(tmp_path / "timed" / "history.csv")))
@@ -138,20 +152,37 @@ def test_user_errors(dataset, tmp_path) -> None:
 
 def test_labels_disagreeing_with_the_manifest(tmp_path) -> None:
     manifest = load_manifest(make_dataset(tmp_path / "data", num_cases=5, labels={"0": "background", "1": "front"}))
-    plans = {"format_version": 1, "dataset": {"name": "tiny", "labels": {"0": "background", "1": "front"},
-                                             "channels": ["MRI"]},
-             "normalization": [{"channel": "MRI", "scheme": "zscore"}],
-             "configurations": {"3d": {"spatial_dims": 3, "spacing_mm": [0.7, 1.1, 3.0], "patch_size": [8, 8, 8],
-                                       "batch_size": 2, "network": {"architecture": "UNet", "filters": [4, 8]}}}}
+    plans = {
+        "format_version": 1,
+        "dataset": {"name": "tiny", "labels": {"0": "background", "1": "front"}, "channels": ["MRI"]},
+        "normalization": [{"channel": "MRI", "scheme": "zscore"}],
+        "configurations": {
+            "3d": {
+                "spatial_dims": 3,
+                "spacing_mm": [0.7, 1.1, 3.0],
+                "patch_size": [8, 8, 8],
+                "batch_size": 2,
+                "network": {"architecture": "UNet", "filters": [4, 8]},
+            }
+        },
+    }
     with pytest.raises(LabelValueError, match=r"label values \[2\]"):
         train(manifest, plans=plans, out_dir=tmp_path / "run", epochs=1, **SMALL)
 
 
 def test_empty_manifest(tmp_path) -> None:
     (tmp_path / "imagesTs").mkdir()
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "name": "unlabelled", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "x"},
-        "training": [], "test": ["./imagesTs/a.nii.gz"]}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "unlabelled",
+                "modality": {"0": "MRI"},
+                "labels": {"0": "background", "1": "x"},
+                "training": [],
+                "test": ["./imagesTs/a.nii.gz"],
+            }
+        )
+    )
     manifest = load_manifest(tmp_path / "dataset.json")
     with pytest.raises(ManifestError, match="no labelled training cases"):
         train(manifest, plans={"configurations": {}}, out_dir=tmp_path / "run", epochs=1, **SMALL)
@@ -162,8 +193,9 @@ def test_dice_per_structure_edge_cases() -> None:
 
     reference = np.array([0, 1, 1, 2, 2, 0])
     prediction = np.array([0, 1, 0, 2, 2, 2])
-    scores = dice_per_structure(reference, prediction, structures=[("a", (1,)), ("b", (2,)), ("ab", (1, 2)),
-                                                                   ("none", (3,))])
+    scores = dice_per_structure(
+        reference, prediction, structures=[("a", (1,)), ("b", (2,)), ("ab", (1, 2)), ("none", (3,))]
+    )
     assert scores["a"] == pytest.approx(2 / 3) and scores["b"] == pytest.approx(0.8)
     assert scores["ab"] == pytest.approx(2 * 3 / (4 + 4)) and np.isnan(scores["none"])
 
@@ -174,9 +206,16 @@ def test_cuda_amp_training_reduces_the_loss(tmp_path) -> None:
 
     from medseg.model.networks import build_network
 
-    config = {"spatial_dims": 3, "network": {"architecture": "DynUNet", "filters": [8, 16, 32],
-                                             "kernel_size": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                                             "deep_supervision": False}}
+    config = {
+        "spatial_dims": 3,
+        "network": {
+            "architecture": "DynUNet",
+            "filters": [8, 16, 32],
+            "kernel_size": [[3, 3, 3]] * 3,
+            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+            "deep_supervision": False,
+        },
+    }
     torch.manual_seed(0)
     net = build_network(config, in_channels=1, out_channels=2).cuda().to(memory_format=torch.channels_last_3d)
     x = torch.randn(2, 1, 32, 32, 32, device="cuda")
@@ -198,10 +237,13 @@ def test_cuda_amp_training_reduces_the_loss(tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-@pytest.mark.parametrize("dataset_name, manifest_name, config", [
-    ("msd_hippocampus", "msd_hippocampus.json", "3d"),
-    ("brats2013_deepmedic", "brats2013.json", "2d"),
-])
+@pytest.mark.parametrize(
+    "dataset_name, manifest_name, config",
+    [
+        ("msd_hippocampus", "msd_hippocampus.json", "3d"),
+        ("brats2013_deepmedic", "brats2013.json", "2d"),
+    ],
+)
 def test_training_runs_on_shared_data(tmp_path, dataset_name, manifest_name, config) -> None:
     from pathlib import Path
 
@@ -216,8 +258,9 @@ def test_training_runs_on_shared_data(tmp_path, dataset_name, manifest_name, con
     cfg = plans["configurations"][config]
     if config == "3d":
         cfg["patch_size"] = [min(p, 64) for p in cfg["patch_size"]]
-    result = train(manifest, plans=plans, config=config, out_dir=tmp_path / "run", epochs=1,
-                   **{**SMALL, "iterations_per_epoch": 1})
+    result = train(
+        manifest, plans=plans, config=config, out_dir=tmp_path / "run", epochs=1, **{**SMALL, "iterations_per_epoch": 1}
+    )
     structures = {s.name for s in manifest.labels.structures()}
     assert structures <= set(result["final_dice"])  # labels and regions (BraTS tumour regions) scored
     checkpoint = load_checkpoint(tmp_path / "run")

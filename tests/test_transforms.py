@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import oblique_affine
-from medseg.io import read_volume, write_volume
+
+from medseg.core.volume import Volume
 from medseg.errors import MedsegUserError
-from medseg.planning.presets import AUGMENTATION_DEFAULTS, augmentation_probabilities
+from medseg.io import read_volume, write_volume
 from medseg.model.transforms import (
     LoadVolumed,
     NormalizeChannelsd,
@@ -19,7 +19,7 @@ from medseg.model.transforms import (
     training_augmentation,
     training_cache_transforms,
 )
-from medseg.core.volume import Volume
+from medseg.planning.presets import AUGMENTATION_DEFAULTS, augmentation_probabilities
 
 
 def _plans(spacing, patch=(16, 16, 8), schemes=None):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import oblique_affine
 
 from medseg.core.orientation import orientation_code
 from medseg.core.volume import Volume
-
-from conftest import oblique_affine
 
 
 def test_properties_of_an_anisotropic_volume() -> None:

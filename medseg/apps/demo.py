@@ -100,8 +100,14 @@ def make_synthetic_case(
     unit = [np.linspace(-1.0, 1.0, n) for n in shape]
     grid = np.meshgrid(*unit, indexing="ij")
     coefficients = rng.normal(0.0, 0.12, 6)
-    log_bias = (coefficients[0] * grid[0] + coefficients[1] * grid[1] + coefficients[2] * grid[2]
-                + coefficients[3] * grid[0] * grid[1] + coefficients[4] * grid[1] ** 2 + coefficients[5] * grid[2] ** 2)
+    log_bias = (
+        coefficients[0] * grid[0]
+        + coefficients[1] * grid[1]
+        + coefficients[2] * grid[2]
+        + coefficients[3] * grid[0] * grid[1]
+        + coefficients[4] * grid[1] ** 2
+        + coefficients[5] * grid[2] ** 2
+    )
     image = image * np.exp(log_bias)
     sigma = noise * 0.8
     image = np.sqrt((image + rng.normal(0.0, sigma, shape)) ** 2 + rng.normal(0.0, sigma, shape) ** 2)
@@ -199,9 +205,13 @@ def _heldout_manifest(manifest_path: Path, data_root: Path, out: Path) -> tuple[
     content["case_lists"] = ["heldout"]
     content["training"], content["test"] = [], []
     content["heldout"] = [
-        {"id": c.case_id,
-         "image": [os.path.relpath(p, root) for p in c.images] if len(c.images) > 1 else os.path.relpath(c.images[0], root),
-         "label": os.path.relpath(c.label, root)}
+        {
+            "id": c.case_id,
+            "image": [os.path.relpath(p, root) for p in c.images]
+            if len(c.images) > 1
+            else os.path.relpath(c.images[0], root),
+            "label": os.path.relpath(c.label, root),
+        }
         for c in validation
     ]
     path = out / "heldout_manifest.json"
@@ -269,8 +279,9 @@ def run_demo(
     if manifest is None:
         root = out / "data"
         log(f"[1/5] writing a synthetic dataset ({num_training} training + {num_test} test volumes) to {root}")
-        manifest_path = make_synthetic_dataset(root, num_training=num_training, num_test=num_test, shape=shape,
-                                               spacing_mm=spacing_mm, seed=seed)
+        manifest_path = make_synthetic_dataset(
+            root, num_training=num_training, num_test=num_test, shape=shape, spacing_mm=spacing_mm, seed=seed
+        )
         data_root_path = root
     else:
         manifest_path = Path(manifest)
@@ -285,26 +296,50 @@ def run_demo(
     plans["training"].update(optimizer="adamw", learning_rate=3e-3)
     write_json(plans, out / "plans.json")
     cfg = plans["configurations"]["3d"]
-    log(f"      3d: spacing {cfg['spacing_mm']} mm, patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
-        f"{len(cfg['network']['strides'])} stages")
+    log(
+        f"      3d: spacing {cfg['spacing_mm']} mm, patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+        f"{len(cfg['network']['strides'])} stages"
+    )
     seconds["plan"] = time.monotonic() - clock
 
     clock = time.monotonic()
     log(f"[3/5] training fold 0 of the 3d configuration for {train_minutes:g} min")
-    summary = train(manifest_path, data_root=data_root_path, plans=plans, out_dir=run_dir, config="3d", fold=0,
-                    time_limit_min=train_minutes, device=device, seed=seed, iterations_per_epoch=20,
-                    validate_every=3, num_threads=num_threads, progress=progress)
+    summary = train(
+        manifest_path,
+        data_root=data_root_path,
+        plans=plans,
+        out_dir=run_dir,
+        config="3d",
+        fold=0,
+        time_limit_min=train_minutes,
+        device=device,
+        seed=seed,
+        iterations_per_epoch=20,
+        validate_every=3,
+        num_threads=num_threads,
+        progress=progress,
+    )
     assert isinstance(summary, dict)
-    log(f"      {summary['epochs']} epochs, {summary['iterations']} iterations, best validation Dice "
-        f"{summary['best_dice']:.3f}")
+    log(
+        f"      {summary['epochs']} epochs, {summary['iterations']} iterations, best validation Dice "
+        f"{summary['best_dice']:.3f}"
+    )
     seconds["train"] = time.monotonic() - clock
 
     clock = time.monotonic()
     heldout, subset, count = _heldout_manifest(manifest_path, data_root_path, out)
     log(f"[4/5] predicting {count} held-out cases")
     predictions = out / "predictions"
-    batch = predict_batch(run_dir, heldout, predictions, data_root=data_root_path, subset=subset, device=device,
-                          tta=tta, progress=progress)
+    batch = predict_batch(
+        run_dir,
+        heldout,
+        predictions,
+        data_root=data_root_path,
+        subset=subset,
+        device=device,
+        tta=tta,
+        progress=progress,
+    )
     for case_id, message in batch.failed:
         log(f"      failed: {case_id}: {message}")
     seconds["predict"] = time.monotonic() - clock
@@ -318,11 +353,22 @@ def run_demo(
     scored = per_case[per_case["status"].isin(["ok", "ref_empty", "pred_empty"])]
     dice = {str(k): round(float(v), 4) for k, v in scored.groupby("structure", sort=False)["dice"].mean().items()}
     seconds["evaluate"] = time.monotonic() - clock
-    result = DemoResult(out=out, manifest=manifest_path, data_root=data_root_path, run_dir=run_dir,
-                        predictions=predictions, evaluation=evaluation_dir, report=written["report"], dice=dice,
-                        num_heldout=count, seconds={k: round(v, 1) for k, v in seconds.items()})
-    log(f"done in {sum(seconds.values()) / 60:.1f} min: held-out Dice "
-        + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+    result = DemoResult(
+        out=out,
+        manifest=manifest_path,
+        data_root=data_root_path,
+        run_dir=run_dir,
+        predictions=predictions,
+        evaluation=evaluation_dir,
+        report=written["report"],
+        dice=dice,
+        num_heldout=count,
+        seconds={k: round(v, 1) for k, v in seconds.items()},
+    )
+    log(
+        f"done in {sum(seconds.values()) / 60:.1f} min: held-out Dice "
+        + ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
+    )
     log(f"      data        {data_root_path}")
     log(f"      model       {run_dir}")
     log(f"      predictions {predictions}")

@@ -68,9 +68,7 @@ def keep_largest_component(mask: np.ndarray, *, connectivity: int | None = None)
     return components == (int(np.argmax(sizes)) + 1)
 
 
-def remove_small_components(
-    mask: np.ndarray, *, min_voxels: float, connectivity: int | None = None
-) -> np.ndarray:
+def remove_small_components(mask: np.ndarray, *, min_voxels: float, connectivity: int | None = None) -> np.ndarray:
     """``mask`` without its connected components of fewer than ``min_voxels`` voxels.
 
     scikit-image's ``remove_small_objects`` on the components labelled by

@@ -64,9 +64,7 @@ def to_sitk(volume: Volume, *, channel: int | None = None):
     if array.shape[0] == 1:
         image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array[0], [a - 1 for a in spatial_axes])))
     else:
-        image = sitk.GetImageFromArray(
-            np.ascontiguousarray(np.transpose(array, spatial_axes + [0])), isVector=True
-        )
+        image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, spatial_axes + [0])), isVector=True)
     affine_lps = _flip_lps_ras(np.asarray(volume.affine))
     linear = affine_lps[:dim, :dim]
     spacing = np.linalg.norm(linear, axis=0)

@@ -78,8 +78,7 @@ class LabelSet:
             unknown = [i for i in ids_tuple if i not in ordered]
             if unknown or not ids_tuple:
                 raise ManifestError(
-                    f"region {region!r} refers to unknown label ids {unknown} "
-                    f"(known: {sorted(ordered)})"
+                    f"region {region!r} refers to unknown label ids {unknown} (known: {sorted(ordered)})"
                 )
             if region in seen:
                 raise ManifestError(f"region {region!r} has the same name as a label")
@@ -119,8 +118,7 @@ class LabelSet:
                 names[int(value)] = str(key)
             else:
                 raise ManifestError(
-                    f"label entry {key!r}: {value!r} is neither MSD style ('1': 'liver') "
-                    "nor nnU-Net style ('liver': 1)"
+                    f"label entry {key!r}: {value!r} is neither MSD style ('1': 'liver') nor nnU-Net style ('liver': 1)"
                 )
         by_name = {name: label_id for label_id, name in names.items()}
         for region, members in (regions or {}).items():
@@ -129,8 +127,7 @@ class LabelSet:
                 if isinstance(member, str) and not _is_int_string(member):
                     if member not in by_name:
                         raise ManifestError(
-                            f"region {region!r}: unknown label name {member!r} "
-                            f"(known: {sorted(by_name)})"
+                            f"region {region!r}: unknown label name {member!r} (known: {sorted(by_name)})"
                         )
                     ids.append(by_name[member])
                 else:
@@ -221,8 +218,7 @@ def as_label_array(array: np.ndarray, *, source: str = "array") -> np.ndarray:
         if bad.any():
             example = float(array[bad].flat[0])
             raise LabelValueError(
-                f"{source}: label map holds non-integral values (e.g. {example!r}); "
-                "labels must be whole numbers"
+                f"{source}: label map holds non-integral values (e.g. {example!r}); labels must be whole numbers"
             )
         array = rounded
     elif not np.issubdtype(array.dtype, np.integer):

@@ -34,9 +34,7 @@ def resample_to(volume: Volume, reference: Volume, *, default_value: float = 0.0
     import SimpleITK as sitk
 
     if volume.spatial_ndim != reference.spatial_ndim:
-        raise ValueError(
-            f"cannot resample a {volume.spatial_ndim}D volume onto a {reference.spatial_ndim}D grid"
-        )
+        raise ValueError(f"cannot resample a {volume.spatial_ndim}D volume onto a {reference.spatial_ndim}D grid")
     interpolator = sitk.sitkNearestNeighbor if volume.kind == "label" else sitk.sitkLinear
     grid = to_sitk(reference.with_array(np.zeros((1, *reference.spatial_shape), np.uint8), kind="image"))
     channels = []

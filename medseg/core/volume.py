@@ -30,6 +30,7 @@ __all__ = ["Volume", "VolumeKind"]
 
 VolumeKind = Literal["image", "label"]
 
+
 @dataclass(frozen=True, eq=False, repr=False)
 class Volume:
     """A channel-first voxel array with its voxel-to-RAS (mm) affine.
@@ -50,9 +51,7 @@ class Volume:
         array = np.asarray(self.array)
         affine = np.array(self.affine, dtype=np.float64)
         if array.ndim not in (3, 4):
-            raise ValueError(
-                f"Volume.array must be (C, *spatial) with 2 or 3 spatial axes, got shape {array.shape}"
-            )
+            raise ValueError(f"Volume.array must be (C, *spatial) with 2 or 3 spatial axes, got shape {array.shape}")
         if affine.shape != (4, 4):
             raise ValueError(f"Volume.affine must be 4x4, got shape {affine.shape}")
         if not np.all(np.isfinite(affine)):
@@ -113,13 +112,9 @@ class Volume:
         """Volume of one voxel in millilitres (mm^3 / 1000); for 2D, the pixel area in mm^2 / 1000."""
         return float(np.prod(self.spacing_mm)) / 1000.0
 
-    def same_geometry(
-        self, other: Volume, *, tolerance_mm: float = 1e-3, direction_tolerance: float = 1e-4
-    ) -> bool:
+    def same_geometry(self, other: Volume, *, tolerance_mm: float = 1e-3, direction_tolerance: float = 1e-4) -> bool:
         """Whether ``other`` lies on the same voxel grid (channels and dtype are not compared)."""
-        return not self.geometry_differences(
-            other, tolerance_mm=tolerance_mm, direction_tolerance=direction_tolerance
-        )
+        return not self.geometry_differences(other, tolerance_mm=tolerance_mm, direction_tolerance=direction_tolerance)
 
     def geometry_differences(
         self, other: Volume, *, tolerance_mm: float = 1e-3, direction_tolerance: float = 1e-4
@@ -137,14 +132,10 @@ class Volume:
             return differences
         spacing_a, spacing_b = np.array(self.spacing_mm), np.array(other.spacing_mm)
         if np.max(np.abs(spacing_a - spacing_b)) > tolerance_mm:
-            differences.append(
-                f"spacing_mm {_fmt(spacing_a)} vs {_fmt(spacing_b)} (tolerance {tolerance_mm} mm)"
-            )
+            differences.append(f"spacing_mm {_fmt(spacing_a)} vs {_fmt(spacing_b)} (tolerance {tolerance_mm} mm)")
         origin_a, origin_b = np.array(self.origin), np.array(other.origin)
         if np.max(np.abs(origin_a - origin_b)) > tolerance_mm:
-            differences.append(
-                f"origin {_fmt(origin_a)} vs {_fmt(origin_b)} (tolerance {tolerance_mm} mm)"
-            )
+            differences.append(f"origin {_fmt(origin_a)} vs {_fmt(origin_b)} (tolerance {tolerance_mm} mm)")
         if np.max(np.abs(self.direction - other.direction)) > direction_tolerance:
             differences.append(
                 f"direction {self.orientation} vs {other.orientation} "
@@ -171,9 +162,7 @@ class Volume:
         if array.ndim == self.spatial_ndim:
             array = array[None]
         if tuple(array.shape[1:]) != self.spatial_shape:
-            raise ValueError(
-                f"with_array: spatial shape {tuple(array.shape[1:])} differs from {self.spatial_shape}"
-            )
+            raise ValueError(f"with_array: spatial shape {tuple(array.shape[1:])} differs from {self.spatial_shape}")
         return Volume(
             array,
             self.affine,

@@ -9,7 +9,14 @@ reports all problems at once. It builds on :mod:`medseg.core` and :mod:`medseg.i
 from __future__ import annotations
 
 from medseg.data.check import CheckReport, Problem, check_manifest
-from medseg.data.manifest import DEFAULT_NSD_TOLERANCE_MM, Case, Manifest, load_manifest, manifest_from_dict, remap_labels
+from medseg.data.manifest import (
+    DEFAULT_NSD_TOLERANCE_MM,
+    Case,
+    Manifest,
+    load_manifest,
+    manifest_from_dict,
+    remap_labels,
+)
 from medseg.data.splits import kfold_split
 
 __all__ = [

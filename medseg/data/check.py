@@ -21,9 +21,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from medseg.errors import MedsegUserError
 from medseg.core.volume import Volume
 from medseg.data.manifest import Case, Manifest
+from medseg.errors import MedsegUserError
 
 __all__ = ["Problem", "CheckReport", "check_manifest", "check_case"]
 
@@ -108,9 +108,7 @@ def check_manifest(
     cases = list(manifest.cases)
 
     def run(case: Case) -> list[Problem]:
-        return check_case(
-            manifest, case, tolerance_mm=tolerance_mm, direction_tolerance=direction_tolerance
-        )
+        return check_case(manifest, case, tolerance_mm=tolerance_mm, direction_tolerance=direction_tolerance)
 
     results: Iterator[list[Problem]]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -157,7 +155,9 @@ def check_case(
             note(path, f"file holds {image.num_channels} channels but the case lists one file per channel")
     if len(case.images) == 1 and reference is not None and len(manifest.channels) not in (1, reference.num_channels):
         if manifest.tensor_image_size.upper() != "2D":
-            note(case.images[0], f"image has {reference.num_channels} channels, manifest lists {len(manifest.channels)}")
+            note(
+                case.images[0], f"image has {reference.num_channels} channels, manifest lists {len(manifest.channels)}"
+            )
 
     label_files = [("label", case.label)] if case.label is not None else []
     label_files += [(key, case.extras[key]) for key in manifest.raters if key != "label" and key in case.extras]
@@ -197,7 +197,7 @@ def _read(path: Path, *, kind: str, note) -> Volume | None:
 
 def _strip_path(message: str, path: Path | str) -> str:
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def _compare(reference, reference_path, other, other_path, note, tolerance_mm, direction_tolerance) -> None:

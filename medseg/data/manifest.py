@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-
-from medseg.errors import ManifestError
 from medseg.core.labels import LabelSet, as_label_array
 from medseg.core.volume import Volume
 from medseg.data.splits import kfold_split
+from medseg.errors import ManifestError
 from medseg.io.files import read_json
 from medseg.io.volumes import read_channels, read_volume, strip_volume_suffix
 
@@ -111,9 +110,7 @@ class Manifest:
         if not self.folds:
             raise ManifestError(f"{self.name}: no labelled training cases to split into folds")
         if not 0 <= fold < len(self.folds):
-            raise ManifestError(
-                f"{self.name}: fold {fold} does not exist (folds 0..{len(self.folds) - 1})"
-            )
+            raise ManifestError(f"{self.name}: fold {fold} does not exist (folds 0..{len(self.folds) - 1})")
         validation = set(self.folds[fold])
         trainable = [c for c in self.labelled_cases if c.subset == "training"]
         return (
@@ -194,9 +191,7 @@ def load_manifest(
     return manifest_from_dict(content, data_root=root, source=path)
 
 
-def manifest_from_dict(
-    content: Mapping[str, Any], *, data_root: Path, source: Path | None = None
-) -> Manifest:
+def manifest_from_dict(content: Mapping[str, Any], *, data_root: Path, source: Path | None = None) -> Manifest:
     """Build a :class:`Manifest` from already-parsed JSON (see :func:`load_manifest`)."""
     where = str(source) if source else "manifest"
     if not isinstance(content, Mapping):
@@ -210,15 +205,20 @@ def manifest_from_dict(
     root = data_root.resolve()
     channels = _channels(content)
     case_lists = content.get("case_lists", _DEFAULT_CASE_LISTS)
-    for key, kind in (("raters", Mapping), ("label_value_map", Mapping), ("regions", Mapping),
-                      ("case_lists", (list, tuple)), ("things", (list, tuple))):
+    for key, kind in (
+        ("raters", Mapping),
+        ("label_value_map", Mapping),
+        ("regions", Mapping),
+        ("case_lists", (list, tuple)),
+        ("things", (list, tuple)),
+    ):
         if key in content and not isinstance(content[key], kind):
             raise ManifestError(f"{where}: {key!r} must be a JSON {'object' if kind is Mapping else 'list'}")
     for key, mapping in dict(content.get("label_value_map", {})).items():
-        if not isinstance(mapping, Mapping) or not all(
-            _is_int(k) and _is_int(v) for k, v in mapping.items()
-        ):
-            raise ManifestError(f"{where}: label_value_map[{key!r}] must map stored values to label ids, e.g. {{\"1\": 255}}")
+        if not isinstance(mapping, Mapping) or not all(_is_int(k) and _is_int(v) for k, v in mapping.items()):
+            raise ManifestError(
+                f'{where}: label_value_map[{key!r}] must map stored values to label ids, e.g. {{"1": 255}}'
+            )
     label_keys = {"label", *dict(content.get("raters", {}))}
     raw_cases: list[tuple[str, Mapping[str, Any] | str]] = []
     for list_name in case_lists:
@@ -227,11 +227,8 @@ def manifest_from_dict(
             raise ManifestError(f"{where}: {list_name!r} must be a list of cases")
         raw_cases += [(list_name, entry) for entry in entries]
     if not raw_cases:
-        raise ManifestError(
-            f"{where}: no cases (lists {', '.join(repr(c) for c in case_lists)} are empty or absent)"
-        )
-    parsed = [_parse_case(entry, subset, root=root, where=where, label_keys=label_keys)
-              for subset, entry in raw_cases]
+        raise ManifestError(f"{where}: no cases (lists {', '.join(repr(c) for c in case_lists)} are empty or absent)")
+    parsed = [_parse_case(entry, subset, root=root, where=where, label_keys=label_keys) for subset, entry in raw_cases]
     ids = _case_ids(parsed, where=where)
     cases = tuple(
         Case(case_id=i, images=p["images"], label=p["label"], extras=p["extras"], subset=p["subset"])

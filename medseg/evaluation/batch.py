@@ -94,14 +94,25 @@ def _read_label(path: str, value_map: Mapping[int, int] | None = None) -> Volume
 def _run_job(job: CaseJob, settings: EvaluationSettings) -> dict[str, Any]:
     """Score one case; never raises for user errors (they become ``error`` rows)."""
     result: dict[str, Any] = {
-        "case_id": job.case_id, "reference": job.reference, "prediction": job.prediction,
-        "image": job.image, "status": "ok", "message": "", "rows": [], "lesions": [], "lesion_summary": [],
-        "confusion": None, "per_rater": [], "inter_rater": [],
+        "case_id": job.case_id,
+        "reference": job.reference,
+        "prediction": job.prediction,
+        "image": job.image,
+        "status": "ok",
+        "message": "",
+        "rows": [],
+        "lesions": [],
+        "lesion_summary": [],
+        "confusion": None,
+        "per_rater": [],
+        "inter_rater": [],
     }
     value_maps = {name: dict(pairs) for name, pairs in job.value_maps}
     try:
         reference = _read_label(job.reference, value_maps.get("rater1"))  # type: ignore[arg-type]
-        raters = [("rater1", reference)] + [(name, _read_label(path, value_maps.get(name))) for name, path in job.raters]
+        raters = [("rater1", reference)] + [
+            (name, _read_label(path, value_maps.get(name))) for name, path in job.raters
+        ]
         if len(raters) > 1:
             result["inter_rater"] = inter_rater_rows(job.case_id, raters, settings)
         if job.prediction is None:
@@ -164,8 +175,9 @@ def evaluate(
             cases). Writing the tables is :func:`medseg.report.write_outputs`.
         progress: show a progress bar on stderr.
     """
-    jobs, manifest, unpaired = case_jobs(reference, prediction, data_root=data_root,
-                                     probabilities=probabilities, subset=subset)
+    jobs, manifest, unpaired = case_jobs(
+        reference, prediction, data_root=data_root, probabilities=probabilities, subset=subset
+    )
     label_set, label_manifest = resolve_labels(labels, manifest, Path(data_root) if data_root else None)
     source = label_manifest or manifest
     if nsd_tolerance_mm is None:
@@ -184,16 +196,22 @@ def evaluate(
     if workers < 1:
         raise MedsegUserError(f"workers must be >= 1, got {workers}")
     settings = EvaluationSettings(
-        labels=label_set, things=thing_names, nsd_tolerance_mm=tolerances, connectivity=connectivity,
-        match=match, resample_prediction=resample_prediction,
+        labels=label_set,
+        things=thing_names,
+        nsd_tolerance_mm=tolerances,
+        connectivity=connectivity,
+        match=match,
+        resample_prediction=resample_prediction,
     )
-    results = _run_jobs(jobs, settings, workers=workers, cache_dir=Path(out) / ".cache" if out else None,
-                        progress=progress)
+    results = _run_jobs(
+        jobs, settings, workers=workers, cache_dir=Path(out) / ".cache" if out else None, progress=progress
+    )
     return _assemble(results, settings, jobs, unpaired)
 
 
-def _run_jobs(jobs: list[CaseJob], settings: EvaluationSettings, *, workers: int, cache_dir: Path | None,
-              progress: bool) -> list[dict[str, Any]]:
+def _run_jobs(
+    jobs: list[CaseJob], settings: EvaluationSettings, *, workers: int, cache_dir: Path | None, progress: bool
+) -> list[dict[str, Any]]:
     settings_json = json.dumps(settings.to_json(), sort_keys=True, default=str)
     results: dict[str, dict[str, Any]] = {}
     todo: list[tuple[CaseJob, str]] = []
@@ -232,8 +250,9 @@ def _run_jobs(jobs: list[CaseJob], settings: EvaluationSettings, *, workers: int
     return [results[job.case_id] for job in jobs]
 
 
-def _assemble(results: list[dict[str, Any]], settings: EvaluationSettings, jobs: list[CaseJob],
-              unpaired: list[str]) -> Evaluation:
+def _assemble(
+    results: list[dict[str, Any]], settings: EvaluationSettings, jobs: list[CaseJob], unpaired: list[str]
+) -> Evaluation:
     rows = [row for r in results for row in r["rows"]]
     per_case = pd.DataFrame(rows, columns=PER_CASE_COLUMNS + EXTRA_COLUMNS)
     num_classes = len(settings.labels.ids)
@@ -242,21 +261,38 @@ def _assemble(results: list[dict[str, Any]], settings: EvaluationSettings, jobs:
     for result in results:
         if result["confusion"] is not None:
             confusion += np.asarray(result["confusion"], dtype=np.int64)
-        case_rows.append({
-            "case_id": result["case_id"], "status": result["status"], "reference": result["reference"],
-            "prediction": result["prediction"], "image": result.get("image"),
-            "miou": _case_miou(result["rows"], settings), "message": result["message"],
-        })
+        case_rows.append(
+            {
+                "case_id": result["case_id"],
+                "status": result["status"],
+                "reference": result["reference"],
+                "prediction": result["prediction"],
+                "image": result.get("image"),
+                "miou": _case_miou(result["rows"], settings),
+                "message": result["message"],
+            }
+        )
     for case_id in unpaired:
-        case_rows.append({"case_id": case_id, "status": "no_reference", "reference": None, "prediction": None,
-                          "image": None, "miou": np.nan, "message": "prediction without a reference"})
+        case_rows.append(
+            {
+                "case_id": case_id,
+                "status": "no_reference",
+                "reference": None,
+                "prediction": None,
+                "image": None,
+                "miou": np.nan,
+                "message": "prediction without a reference",
+            }
+        )
     return Evaluation(
         per_case=per_case,
-        cases=pd.DataFrame(case_rows, columns=["case_id", "status", "reference", "prediction", "image", "miou", "message"]),
-        lesions=pd.DataFrame([l for r in results for l in r["lesions"]]),
-        lesion_summary=pd.DataFrame([l for r in results for l in r["lesion_summary"]]),
-        per_rater=pd.DataFrame([l for r in results for l in r["per_rater"]]),
-        inter_rater=pd.DataFrame([l for r in results for l in r["inter_rater"]]),
+        cases=pd.DataFrame(
+            case_rows, columns=["case_id", "status", "reference", "prediction", "image", "miou", "message"]
+        ),
+        lesions=pd.DataFrame([row for r in results for row in r["lesions"]]),
+        lesion_summary=pd.DataFrame([row for r in results for row in r["lesion_summary"]]),
+        per_rater=pd.DataFrame([row for r in results for row in r["per_rater"]]),
+        inter_rater=pd.DataFrame([row for r in results for row in r["inter_rater"]]),
         confusion=confusion,
         settings=settings,
     )
@@ -265,5 +301,7 @@ def _assemble(results: list[dict[str, Any]], settings: EvaluationSettings, jobs:
 def _case_miou(rows: list[dict[str, Any]], settings: EvaluationSettings) -> float:
     """Mean IoU over the single-label structures of a case that are present in either mask."""
     regions = set(settings.labels.regions)
-    values = [r["iou"] for r in rows if r["structure"] not in regions and r["status"] in ("ok", "ref_empty", "pred_empty")]
+    values = [
+        r["iou"] for r in rows if r["structure"] not in regions and r["status"] in ("ok", "ref_empty", "pred_empty")
+    ]
     return float(np.mean(values)) if values else float("nan")

@@ -38,9 +38,15 @@ def file_key(path: str | None) -> list[Any]:
 def case_key(job: CaseJob, settings_json: str) -> str:
     """SHA-256 key of one case: cache format, medseg version, settings, case id and input files."""
     parts = [
-        CACHE_VERSION, __version__, settings_json, job.case_id,
-        file_key(job.reference), file_key(job.prediction), file_key(job.probabilities),
-        [(name, file_key(path)) for name, path in job.raters], [list(v) for v in job.value_maps],
+        CACHE_VERSION,
+        __version__,
+        settings_json,
+        job.case_id,
+        file_key(job.reference),
+        file_key(job.prediction),
+        file_key(job.probabilities),
+        [(name, file_key(path)) for name, path in job.raters],
+        [list(v) for v in job.value_maps],
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 

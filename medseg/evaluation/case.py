@@ -29,19 +29,52 @@ from medseg.metrics.instances import lesion_metrics
 from medseg.metrics.overlap import confusion_matrix, overlap_from_counts
 from medseg.metrics.surface import surface_metrics, surface_metrics_multi
 
-__all__ = ["PER_CASE_COLUMNS", "EXTRA_COLUMNS", "METRIC_COLUMNS", "EvaluationSettings", "PairResult", "evaluate_pair", "empty_rows"]
+__all__ = [
+    "PER_CASE_COLUMNS",
+    "EXTRA_COLUMNS",
+    "METRIC_COLUMNS",
+    "EvaluationSettings",
+    "PairResult",
+    "evaluate_pair",
+    "empty_rows",
+]
 
 #: the columns of ``per_case.csv``, in order (more columns may follow)
 PER_CASE_COLUMNS = [
-    "case_id", "structure", "label", "status", "dice", "iou", "precision", "recall",
-    "hd_mm", "hd95_mm", "assd_mm", "nsd", "ref_ml", "pred_ml", "volume_diff_ml",
+    "case_id",
+    "structure",
+    "label",
+    "status",
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd_mm",
+    "hd95_mm",
+    "assd_mm",
+    "nsd",
+    "ref_ml",
+    "pred_ml",
+    "volume_diff_ml",
 ]
 
 
 EXTRA_COLUMNS = ["nsd_tolerance_mm", "image_diagonal_mm", "spacing_known", "message"]
 
 
-METRIC_COLUMNS = ["dice", "iou", "precision", "recall", "hd_mm", "hd95_mm", "assd_mm", "nsd", "ref_ml", "pred_ml", "volume_diff_ml"]
+METRIC_COLUMNS = [
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd_mm",
+    "hd95_mm",
+    "assd_mm",
+    "nsd",
+    "ref_ml",
+    "pred_ml",
+    "volume_diff_ml",
+]
 
 
 @dataclass(frozen=True)
@@ -94,7 +127,9 @@ def _index_map(volume: Volume, labels: LabelSet) -> np.ndarray:
     """Map label values to class indices 0..n-1 (in ``labels.ids`` order); unknown values raise."""
     array = volume.array
     if array.shape[0] != 1:
-        raise LabelValueError(f"{volume.meta.get('path', 'label map')}: label maps have one channel, got {array.shape[0]}")
+        raise LabelValueError(
+            f"{volume.meta.get('path', 'label map')}: label maps have one channel, got {array.shape[0]}"
+        )
     array = array[0]
     low, high = int(array.min()), int(array.max())
     if low < 0 or high > labels.max_id or not set(np.unique(array).tolist()) <= set(labels.ids):
@@ -166,7 +201,10 @@ def evaluate_pair(
             "structure": structure.name,
             "label": _structure_label(structure),
             **values,
-            "hd_mm": np.nan, "hd95_mm": np.nan, "assd_mm": np.nan, "nsd": np.nan,
+            "hd_mm": np.nan,
+            "hd95_mm": np.nan,
+            "assd_mm": np.nan,
+            "nsd": np.nan,
             "nsd_tolerance_mm": settings.tolerance_for(structure.name),
             "image_diagonal_mm": diagonal_mm,
             "spacing_known": spacing_known,
@@ -176,14 +214,16 @@ def evaluate_pair(
             if structure.is_region:
                 ref_mask = np.isin(ref_index, members)
                 pred_mask = np.isin(pred_index, members)
-                row.update(surface_metrics(ref_mask, pred_mask, spacing_mm=spacing,
-                                           nsd_tolerance_mm=row["nsd_tolerance_mm"]))
+                row.update(
+                    surface_metrics(ref_mask, pred_mask, spacing_mm=spacing, nsd_tolerance_mm=row["nsd_tolerance_mm"])
+                )
             else:
                 ok_labels[members[0]] = row["nsd_tolerance_mm"]
         rows.append(row)
     if ok_labels:
-        surfaces = surface_metrics_multi(ref_index, pred_index, labels=list(ok_labels), spacing_mm=spacing,
-                                         nsd_tolerance_mm=ok_labels)
+        surfaces = surface_metrics_multi(
+            ref_index, pred_index, labels=list(ok_labels), spacing_mm=spacing, nsd_tolerance_mm=ok_labels
+        )
         for row, structure in zip(rows, labels.structures(include_regions=settings.include_regions)):
             if not structure.is_region and index_of[structure.label_ids[0]] in surfaces and row["status"] == "ok":
                 row.update(surfaces[index_of[structure.label_ids[0]]])
@@ -200,8 +240,12 @@ def evaluate_pair(
         if probabilities is not None:
             probability_map = _thing_probability(probabilities, members, num_classes)
         summary, table = lesion_metrics(
-            ref_mask, pred_mask, spacing_mm=spacing, connectivity=settings.connectivity,
-            criterion=settings.match, probabilities=probability_map,
+            ref_mask,
+            pred_mask,
+            spacing_mm=spacing,
+            connectivity=settings.connectivity,
+            criterion=settings.match,
+            probabilities=probability_map,
         )
         lesion_summary.append({"case_id": case_id, "structure": structure.name, **summary})
         for record in table.to_dict("records"):
@@ -220,8 +264,9 @@ def _thing_probability(probabilities: Volume, members: Sequence[int], num_classe
     )
 
 
-def empty_rows(case_id: str, settings: EvaluationSettings, status: str, message: str = "",
-                *, reference: Volume | None = None) -> list[dict[str, Any]]:
+def empty_rows(
+    case_id: str, settings: EvaluationSettings, status: str, message: str = "", *, reference: Volume | None = None
+) -> list[dict[str, Any]]:
     """Rows of a case without a score; with the reference known, ``ref_ml`` and the diagonal are filled."""
     rows = []
     diagonal = np.nan
@@ -229,8 +274,11 @@ def empty_rows(case_id: str, settings: EvaluationSettings, status: str, message:
         diagonal = float(np.linalg.norm(np.array(reference.spatial_shape) * np.array(reference.spacing_mm)))
     for structure in settings.labels.structures(include_regions=settings.include_regions):
         row = {
-            "case_id": case_id, "structure": structure.name, "label": _structure_label(structure),
-            "status": status, **{m: np.nan for m in METRIC_COLUMNS},
+            "case_id": case_id,
+            "structure": structure.name,
+            "label": _structure_label(structure),
+            "status": status,
+            **{m: np.nan for m in METRIC_COLUMNS},
             "nsd_tolerance_mm": settings.tolerance_for(structure.name),
             "image_diagonal_mm": diagonal,
             "spacing_known": bool(reference.meta.get("spacing_known", True)) if reference is not None else True,

@@ -47,8 +47,9 @@ def find_volumes(folder: Path) -> dict[str, Path]:
     return found
 
 
-def resolve_labels(labels: LabelSet | Manifest | str | os.PathLike[str] | None, manifest: Manifest | None,
-                    data_root: Path | None) -> tuple[LabelSet, Manifest | None]:
+def resolve_labels(
+    labels: LabelSet | Manifest | str | os.PathLike[str] | None, manifest: Manifest | None, data_root: Path | None
+) -> tuple[LabelSet, Manifest | None]:
     if isinstance(labels, LabelSet):
         return labels, manifest
     if isinstance(labels, Manifest):
@@ -93,30 +94,33 @@ def case_jobs(
             if subset is not None and case.subset != subset:
                 continue
             raters = tuple(
-                (manifest.raters[key], str(case.extras[key]))
-                for key in manifest.label_keys()[1:] if key in case.extras
+                (manifest.raters[key], str(case.extras[key])) for key in manifest.label_keys()[1:] if key in case.extras
             )
             value_maps = tuple(
                 (name, tuple(sorted(manifest.label_value_map.get(key, {}).items())))
                 for key, name in manifest.raters.items()
             )
-            jobs.append(CaseJob(
-                case_id=case.case_id,
-                reference=str(case.label),
-                prediction=str(prediction_files[case.case_id]) if case.case_id in prediction_files else None,
-                probabilities=str(probability_files[case.case_id]) if case.case_id in probability_files else None,
-                image=str(case.images[0]),
-                raters=raters,
-                value_maps=value_maps,
-            ))
+            jobs.append(
+                CaseJob(
+                    case_id=case.case_id,
+                    reference=str(case.label),
+                    prediction=str(prediction_files[case.case_id]) if case.case_id in prediction_files else None,
+                    probabilities=str(probability_files[case.case_id]) if case.case_id in probability_files else None,
+                    image=str(case.images[0]),
+                    raters=raters,
+                    value_maps=value_maps,
+                )
+            )
     else:
         for case_id, path in find_volumes(Path(reference)).items():
-            jobs.append(CaseJob(
-                case_id=case_id,
-                reference=str(path),
-                prediction=str(prediction_files[case_id]) if case_id in prediction_files else None,
-                probabilities=str(probability_files[case_id]) if case_id in probability_files else None,
-            ))
+            jobs.append(
+                CaseJob(
+                    case_id=case_id,
+                    reference=str(path),
+                    prediction=str(prediction_files[case_id]) if case_id in prediction_files else None,
+                    probabilities=str(probability_files[case_id]) if case_id in probability_files else None,
+                )
+            )
     if not jobs:
         raise MedsegUserError(f"{reference}: no reference label files found")
     known = {job.case_id for job in jobs}

@@ -77,7 +77,9 @@ def staple(raters: Sequence[Volume], *, labels: LabelSet | None = None) -> Volum
     return _result(estimator.Execute(images), raters[0], "staple")
 
 
-def inter_rater_rows(case_id: str, raters: list[tuple[str, Volume]], settings: EvaluationSettings) -> list[dict[str, Any]]:
+def inter_rater_rows(
+    case_id: str, raters: list[tuple[str, Volume]], settings: EvaluationSettings
+) -> list[dict[str, Any]]:
     rows = []
     for a in range(len(raters)):
         for b in range(a + 1, len(raters)):
@@ -87,8 +89,9 @@ def inter_rater_rows(case_id: str, raters: list[tuple[str, Volume]], settings: E
     return rows
 
 
-def per_rater_rows(case_id: str, raters: list[tuple[str, Volume]], prediction: Volume,
-               settings: EvaluationSettings) -> list[dict[str, Any]]:
+def per_rater_rows(
+    case_id: str, raters: list[tuple[str, Volume]], prediction: Volume, settings: EvaluationSettings
+) -> list[dict[str, Any]]:
     rows = []
     references = list(raters)
     references.append(("majority", majority_vote([v for _, v in raters], labels=settings.labels)))

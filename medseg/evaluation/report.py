@@ -35,8 +35,11 @@ def summary_json(evaluation: Evaluation) -> dict[str, Any]:
     structures: dict[str, Any] = {}
     for (structure, metric), row in summary.iterrows():
         entry = structures.setdefault(str(structure), {"status_counts": {s: int(row[f"n_{s}"]) for s in STATUSES}})
-        entry[metric] = {"n": int(row["n"]), "n_scored": int(row["n_scored"]),
-                         **{k: float(row[k]) for k in ("mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high")}}
+        entry[metric] = {
+            "n": int(row["n"]),
+            "n_scored": int(row["n_scored"]),
+            **{k: float(row[k]) for k in ("mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high")},
+        }
     spacing_known = bool(evaluation.per_case["spacing_known"].fillna(True).all()) if len(evaluation.per_case) else True
     case_miou = evaluation.cases["miou"].to_numpy(dtype=float)
     case_miou = case_miou[~np.isnan(case_miou)]
@@ -55,7 +58,9 @@ def summary_json(evaluation: Evaluation) -> dict[str, Any]:
         },
         "lesions": lesion_totals(evaluation.lesion_summary),
         "settings": evaluation.settings.to_json(),
-        "units": "mm" if spacing_known else "pixels (the files carry no physical spacing; distances are in pixel units)",
+        "units": "mm"
+        if spacing_known
+        else "pixels (the files carry no physical spacing; distances are in pixel units)",
         "definitions": {
             "dice": "2|R∩P| / (|R|+|P|)",
             "iou": "|R∩P| / |R∪P|",
@@ -136,8 +141,9 @@ def _box_plots(per_case: pd.DataFrame, metrics: Sequence[str]) -> list[tuple[str
     return plots
 
 
-def _overlay(reference_path: str, prediction_path: str, image_path: str | None, label_ids: Sequence[int],
-             title: str) -> str | None:
+def _overlay(
+    reference_path: str, prediction_path: str, image_path: str | None, label_ids: Sequence[int], title: str
+) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,8 +178,12 @@ def _overlay(reference_path: str, prediction_path: str, image_path: str | None, 
 
 
 def _table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
-    return frame.to_html(float_format=lambda v: f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}",
-                         na_rep="–", border=0, classes="t")
+    return frame.to_html(
+        float_format=lambda v: f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}",
+        na_rep="–",
+        border=0,
+        classes="t",
+    )
 
 
 def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) -> Path:
@@ -186,8 +196,7 @@ def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) ->
     statuses = pd.DataFrame()
     if not summary.empty:
         compact = summary[["n_scored", "mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high"]]
-        statuses = (summary.xs("dice", level="metric")[[f"n_{s}" for s in STATUSES]]
-                    .rename(columns=lambda c: c[2:]))
+        statuses = summary.xs("dice", level="metric")[[f"n_{s}" for s in STATUSES]].rename(columns=lambda c: c[2:])
     sections = [
         f"<h1>medseg evaluation report</h1><p>{html.escape(content['created'])} · medseg "
         f"{html.escape(content['medseg_version'])} · {content['num_cases']} cases · "
@@ -196,7 +205,8 @@ def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) ->
         "<p>NaN values (empty cases) are excluded from means; the status counts below say how many rows each "
         "structure has of each kind. CI: 95% percentile bootstrap of the mean. NSD tolerance: "
         + html.escape(", ".join(f"{k} {v:g} mm" for k, v in content["settings"]["nsd_tolerance_mm"].items()))
-        + ".</p>" + (_table_html(compact) if not compact.empty else "<p>no rows</p>"),
+        + ".</p>"
+        + (_table_html(compact) if not compact.empty else "<p>no rows</p>"),
         "<h2>Status counts (rows per structure)</h2>" + (_table_html(statuses) if not statuses.empty else ""),
         f"<h2>mIoU</h2><p>dataset-level (summed confusion matrix): <b>{_fmt(content['miou']['dataset_level'])}</b>; "
         f"mean of per-case mIoU: <b>{_fmt(content['miou']['mean_of_case_miou'])}</b></p>",
@@ -211,15 +221,25 @@ def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) ->
         sections.append("<h2>Prediction against each rater and the consensus</h2>" + _table_html(per_rater))
     plots = _box_plots(per_case, ["dice", "hd95_mm", "nsd"])
     if plots:
-        sections.append("<h2>Distributions</h2>" + "".join(
-            f'<img alt="{html.escape(m)} box plot" src="{src}">' for m, src in plots))
+        sections.append(
+            "<h2>Distributions</h2>" + "".join(f'<img alt="{html.escape(m)} box plot" src="{src}">' for m, src in plots)
+        )
     sections.append(_worst_section(evaluation, worst))
     failed = evaluation.failed
     if len(failed):
-        sections.append("<h2>Failed cases</h2><ul>" + "".join(
-            f"<li><b>{html.escape(str(r.case_id))}</b>: {html.escape(str(r.message))}</li>" for r in failed.itertuples()) + "</ul>")
-    sections.append("<h2>Definitions</h2><ul>" + "".join(
-        f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in content["definitions"].items()) + "</ul>")
+        sections.append(
+            "<h2>Failed cases</h2><ul>"
+            + "".join(
+                f"<li><b>{html.escape(str(r.case_id))}</b>: {html.escape(str(r.message))}</li>"
+                for r in failed.itertuples()
+            )
+            + "</ul>"
+        )
+    sections.append(
+        "<h2>Definitions</h2><ul>"
+        + "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in content["definitions"].items())
+        + "</ul>"
+    )
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>medseg evaluation</title><style>"
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table.t{border-collapse:collapse;font-size:13px}"
@@ -246,10 +266,19 @@ def _worst_section(evaluation: Evaluation, worst: int) -> str:
             continue
         label_ids = [int(v) for v in str(row.label).split("+")]
         try:
-            src = _overlay(case.reference, case.prediction, getattr(case, "image", None), label_ids,
-                           f"{row.case_id} · {row.structure} · Dice {row.dice:.3f}")
+            src = _overlay(
+                case.reference,
+                case.prediction,
+                getattr(case, "image", None),
+                label_ids,
+                f"{row.case_id} · {row.structure} · Dice {row.dice:.3f}",
+            )
         except Exception:  # noqa: BLE001 - a broken overlay must not lose the report
             src = None
         if src:
             images.append(f'<img alt="overlay {html.escape(str(row.case_id))}" src="{src}">')
-    return ("<h2>Worst cases</h2><p>Lowest Dice; reference contour green, prediction red.</p>" + "".join(images)) if images else ""
+    return (
+        ("<h2>Worst cases</h2><p>Lowest Dice; reference contour green, prediction red.</p>" + "".join(images))
+        if images
+        else ""
+    )

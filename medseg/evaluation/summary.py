@@ -82,20 +82,22 @@ def summarize(
             values = group[metric].to_numpy(dtype=float)
             values = values[~np.isnan(values)]
             low, high = _bootstrap_ci(values, seed=seed)
-            records.append({
-                "structure": structure,
-                "metric": metric,
-                "n": int(len(group)),
-                "n_scored": int(len(values)),
-                "mean": float(values.mean()) if len(values) else float("nan"),
-                "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
-                "median": float(np.median(values)) if len(values) else float("nan"),
-                "q25": float(np.percentile(values, 25)) if len(values) else float("nan"),
-                "q75": float(np.percentile(values, 75)) if len(values) else float("nan"),
-                "ci95_low": low,
-                "ci95_high": high,
-                **{f"n_{s}": int(counts.get(s, 0)) for s in STATUSES},
-            })
+            records.append(
+                {
+                    "structure": structure,
+                    "metric": metric,
+                    "n": int(len(group)),
+                    "n_scored": int(len(values)),
+                    "mean": float(values.mean()) if len(values) else float("nan"),
+                    "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                    "median": float(np.median(values)) if len(values) else float("nan"),
+                    "q25": float(np.percentile(values, 25)) if len(values) else float("nan"),
+                    "q75": float(np.percentile(values, 75)) if len(values) else float("nan"),
+                    "ci95_low": low,
+                    "ci95_high": high,
+                    **{f"n_{s}": int(counts.get(s, 0)) for s in STATUSES},
+                }
+            )
     return pd.DataFrame(records).set_index(["structure", "metric"]) if records else pd.DataFrame()
 
 
@@ -119,7 +121,9 @@ def lesion_totals(lesion_summary: pd.DataFrame) -> dict[str, Any]:
         tp, fp, fn = (int(group[k].sum()) for k in ("tp", "fp", "fn"))
         entry: dict[str, Any] = {
             "cases": int(len(group)),
-            "tp": tp, "fp": fp, "fn": fn,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
             "lesion_precision_pooled": tp / (tp + fp) if tp + fp else float("nan"),
             "lesion_recall_pooled": tp / (tp + fn) if tp + fn else float("nan"),
             "lesion_f1_pooled": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),

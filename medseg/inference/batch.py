@@ -107,8 +107,11 @@ def output_name(path: str | os.PathLike[str], *, case_id: str | None = None) -> 
 
 
 def _volume_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if not p.name.startswith(".") and p.is_file() and volume_suffix(p) in VOLUME_SUFFIXES)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".") and p.is_file() and volume_suffix(p) in VOLUME_SUFFIXES
+    )
 
 
 def collect_inputs(
@@ -144,8 +147,10 @@ def collect_inputs(
         return [PredictionJob(c.case_id, tuple(c.images), output_name(c.images[0], case_id=c.case_id)) for c in cases]
     if source.is_file():
         if num_channels != 1:
-            raise MedsegUserError(f"{source}: the model takes {num_channels} channels; give a folder of "
-                                  "<case>_0000.<ext> ... files or a manifest")
+            raise MedsegUserError(
+                f"{source}: the model takes {num_channels} channels; give a folder of "
+                "<case>_0000.<ext> ... files or a manifest"
+            )
         return [PredictionJob(strip_volume_suffix(source), (source,), output_name(source))]
     files = _volume_files(source)
     if not files:
@@ -156,12 +161,16 @@ def collect_inputs(
     for path in files:
         match = _CHANNEL_PATTERN.match(strip_volume_suffix(path))
         if match is None:
-            raise MedsegUserError(f"{path}: the model takes {num_channels} channels; name files <case>_0000, <case>_0001, ...")
+            raise MedsegUserError(
+                f"{path}: the model takes {num_channels} channels; name files <case>_0000, <case>_0001, ..."
+            )
         groups.setdefault(match["case"], {})[int(match["channel"])] = path
     jobs = []
     for case_id, channels in sorted(groups.items()):
         if sorted(channels) != list(range(num_channels)):
-            raise MedsegUserError(f"{source}: case {case_id!r} has channels {sorted(channels)}, expected 0..{num_channels - 1}")
+            raise MedsegUserError(
+                f"{source}: case {case_id!r} has channels {sorted(channels)}, expected 0..{num_channels - 1}"
+            )
         ordered = tuple(channels[c] for c in range(num_channels))
         jobs.append(PredictionJob(case_id, ordered, output_name(ordered[0], case_id=case_id)))
     return jobs
@@ -183,15 +192,24 @@ def _versions() -> dict[str, str]:
     import numpy
     import torch
 
-    return {"medseg": __version__, "torch": torch.__version__, "monai": monai.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
+    return {
+        "medseg": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _model_key(description: dict[str, Any], *, instances: bool, watershed: bool, save_probabilities: bool) -> str:
     content = {
         "checkpoints": [c["sha256"] for c in description["checkpoints"]],
-        "config": description["config"], "tta": description["tta"], "overlap": description["overlap"],
-        "postprocessing": description["postprocessing"], "instances": instances, "watershed": watershed,
+        "config": description["config"],
+        "tta": description["tta"],
+        "overlap": description["overlap"],
+        "postprocessing": description["postprocessing"],
+        "instances": instances,
+        "watershed": watershed,
         "save_probabilities": save_probabilities,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
@@ -272,10 +290,10 @@ def predict_batch(
     if isinstance(model, Segmenter):
         segmenter = model
     else:
-        segmenter = Segmenter.from_checkpoint(model, which=which, device=device, tta=tta, overlap=overlap,
-                                              postprocessing=postprocessing)
-    jobs = collect_inputs(input, data_root=data_root, num_channels=len(segmenter.plans["normalization"]),
-                          subset=subset)
+        segmenter = Segmenter.from_checkpoint(
+            model, which=which, device=device, tta=tta, overlap=overlap, postprocessing=postprocessing
+        )
+    jobs = collect_inputs(input, data_root=data_root, num_channels=len(segmenter.plans["normalization"]), subset=subset)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     record_path = output / RECORD_FILE
@@ -293,8 +311,12 @@ def predict_batch(
         "output": str(output),
         "model": description,
         "model_key": key,
-        "options": {"save_probabilities": save_probabilities, "instances": write_instances, "watershed": watershed,
-                    "which": which},
+        "options": {
+            "save_probabilities": save_probabilities,
+            "instances": write_instances,
+            "watershed": watershed,
+            "which": which,
+        },
         "versions": _versions(),
         "host": {"platform": platform.platform(), "device": str(segmenter.device)},
         "plans": segmenter.plans,
@@ -319,21 +341,30 @@ def predict_batch(
             written = {"labels": write_volume(prediction.labels, target)}
             if write_instances:
                 instance_array, panoptic_array = instance_maps(
-                    prediction.labels.array[0], labels=segmenter.labels, things=segmenter.things,
-                    spacing_mm=volume.spacing_mm, watershed=watershed)
+                    prediction.labels.array[0],
+                    labels=segmenter.labels,
+                    things=segmenter.things,
+                    spacing_mm=volume.spacing_mm,
+                    watershed=watershed,
+                )
                 written["instances"] = write_volume(
-                    prediction.labels.with_array(instance_array[None]), output / "instances" / f"{job.case_id}.nii.gz")
+                    prediction.labels.with_array(instance_array[None]), output / "instances" / f"{job.case_id}.nii.gz"
+                )
                 written["panoptic"] = write_volume(
-                    prediction.labels.with_array(panoptic_array[None]), output / "panoptic" / f"{job.case_id}.nii.gz")
+                    prediction.labels.with_array(panoptic_array[None]), output / "panoptic" / f"{job.case_id}.nii.gz"
+                )
             if prediction.probabilities is not None:
                 written["probabilities"] = write_volume(
-                    prediction.probabilities, output / "probabilities" / f"{job.case_id}.nii.gz")
+                    prediction.probabilities, output / "probabilities" / f"{job.case_id}.nii.gz"
+                )
             record["cases"][job.case_id] = {
                 "status": "ok",
                 "model_key": key,
                 "inputs": [_file_fingerprint(p) for p in job.images],
-                "outputs": {name: {"file": str(path.relative_to(output)), "sha256": sha256_file(path)}
-                            for name, path in written.items()},
+                "outputs": {
+                    name: {"file": str(path.relative_to(output)), "sha256": sha256_file(path)}
+                    for name, path in written.items()
+                },
                 "shape": list(volume.spatial_shape),
                 "spacing_mm": [round(s, 6) for s in volume.spacing_mm],
                 "timings_s": prediction.timings_s,
@@ -346,8 +377,12 @@ def predict_batch(
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if not isinstance(error, MedsegUserError):
                 message = f"out of memory ({type(error).__name__}): {message}; try --device cpu or a smaller --overlap"
-            record["cases"][job.case_id] = {"status": "failed", "inputs": [str(p) for p in job.images],
-                                            "error": message, "seconds": round(time.monotonic() - clock, 3)}
+            record["cases"][job.case_id] = {
+                "status": "failed",
+                "inputs": [str(p) for p in job.images],
+                "error": message,
+                "seconds": round(time.monotonic() - clock, 3),
+            }
             result.failed.append((job.case_id, message))
             if progress:
                 bar.write(f"failed: {job.case_id}: {message}")

@@ -78,10 +78,12 @@ def probabilities_to_input_grid(
     background[0] = 1.0
     for k0 in range(0, in_shape[2], step):
         k = torch.arange(k0, min(in_shape[2], k0 + step), dtype=torch.float64, device=device)
-        coords = (linear[:, 0].view(3, 1, 1, 1) * i.view(1, -1, 1, 1)
-                  + linear[:, 1].view(3, 1, 1, 1) * j.view(1, 1, -1, 1)
-                  + linear[:, 2].view(3, 1, 1, 1) * k.view(1, 1, 1, -1)
-                  + offset.view(3, 1, 1, 1))
+        coords = (
+            linear[:, 0].view(3, 1, 1, 1) * i.view(1, -1, 1, 1)
+            + linear[:, 1].view(3, 1, 1, 1) * j.view(1, 1, -1, 1)
+            + linear[:, 2].view(3, 1, 1, 1) * k.view(1, 1, 1, -1)
+            + offset.view(3, 1, 1, 1)
+        )
         # within one preprocessed voxel of its outermost centres: resampling rounds the grid's
         # extent, so the input's edge voxels may sit just beyond it; farther out is background
         inside = ((coords >= -1.0) & (coords <= sizes.view(3, 1, 1, 1))).all(0)

@@ -176,8 +176,9 @@ def determine_postprocessing(
         if r.shape != p.shape:
             raise ValueError(f"case {index}: reference shape {r.shape} differs from prediction {p.shape}")
     if spacings_mm is None:
-        spacings = [tuple(r.spacing_mm) if isinstance(r, Volume) else (1.0,) * refs[i].ndim
-                    for i, r in enumerate(references)]
+        spacings = [
+            tuple(r.spacing_mm) if isinstance(r, Volume) else (1.0,) * refs[i].ndim for i, r in enumerate(references)
+        ]
     else:
         spacings = [tuple(s) for s in spacings_mm]
     voxel_mm3 = [float(np.prod(s)) for s in spacings]
@@ -188,9 +189,13 @@ def determine_postprocessing(
         ref_masks = [r == label_id for r in refs]
         pred_masks = [p == label_id for p in preds]
 
-        def score(rule: Mapping[str, Any]) -> float:
-            return _mean([_dice(r, _apply_rule(p, rule, v) if p.any() else p)
-                          for r, p, v in zip(ref_masks, pred_masks, voxel_mm3)])
+        def score(rule: Mapping[str, Any], ref_masks=ref_masks, pred_masks=pred_masks) -> float:
+            return _mean(
+                [
+                    _dice(r, _apply_rule(p, rule, v) if p.any() else p)
+                    for r, p, v in zip(ref_masks, pred_masks, voxel_mm3)
+                ]
+            )
 
         baseline = score({})
         chosen: dict[str, Any] = {"keep_largest": False, "min_size_mm3": None}
@@ -246,15 +251,18 @@ def load_postprocessing(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(content, dict) or not isinstance(content.get("rules"), dict):
         raise MedsegUserError(f"{path}: not a medseg postprocessing file (no 'rules')")
     if int(content.get("format_version", 0)) > POSTPROCESSING_FORMAT_VERSION:
-        raise MedsegUserError(f"{path}: postprocessing format {content['format_version']} is newer than this medseg reads")
+        raise MedsegUserError(
+            f"{path}: postprocessing format {content['format_version']} is newer than this medseg reads"
+        )
     return content
 
 
 # ---------------------------------------------------------------------------------------------
 # instances and panoptic maps
 # ---------------------------------------------------------------------------------------------
-def _split_touching(mask: np.ndarray, components: np.ndarray, *, spacing_mm: Sequence[float],
-                    min_distance_mm: float) -> np.ndarray:
+def _split_touching(
+    mask: np.ndarray, components: np.ndarray, *, spacing_mm: Sequence[float], min_distance_mm: float
+) -> np.ndarray:
     """Marker watershed on the distance transform: splits touching blobs of one component."""
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed

@@ -172,24 +172,39 @@ class Segmenter:
             else:
                 for key in ("plans", "config", "labels"):
                     if content[key] != first[key]:
-                        raise CheckpointError(f"{path}: {key} differ from those of {paths[0]}; folds of one ensemble must share them")
+                        raise CheckpointError(
+                            f"{path}: {key} differ from those of {paths[0]}; folds of one ensemble must share them"
+                        )
             labels = LabelSet.from_manifest(content["labels"]["labels"], regions=content["labels"].get("regions"))
             cfg = content["plans"]["configurations"][content["config"]]
-            network = build_network(cfg, in_channels=len(content["plans"]["normalization"]),
-                                    out_channels=labels.num_classes)
+            network = build_network(
+                cfg, in_channels=len(content["plans"]["normalization"]), out_channels=labels.num_classes
+            )
             try:
                 network.load_state_dict(content["model"])
             except RuntimeError as error:
-                raise CheckpointError(f"{path}: weights do not fit the planned network ({str(error).splitlines()[0]})") from None
+                raise CheckpointError(
+                    f"{path}: weights do not fit the planned network ({str(error).splitlines()[0]})"
+                ) from None
             networks.append(network)
             hashes.append((str(path), sha256_file(path)))
         assert first is not None
         labels = LabelSet.from_manifest(first["labels"]["labels"], regions=first["labels"].get("regions"))
         things = _things_from_runs(paths)
         rules = _load_postprocessing(postprocessing, paths)
-        return cls(networks, plans=first["plans"], config=str(first["config"]), labels=labels, things=things,
-                   device=device, tta=tta, overlap=overlap, postprocessing=rules, sw_batch_size=sw_batch_size,
-                   checkpoints=hashes)
+        return cls(
+            networks,
+            plans=first["plans"],
+            config=str(first["config"]),
+            labels=labels,
+            things=things,
+            device=device,
+            tta=tta,
+            overlap=overlap,
+            postprocessing=rules,
+            sw_batch_size=sw_batch_size,
+            checkpoints=hashes,
+        )
 
     # -- public API -------------------------------------------------------------------------------
     def predict(self, volume: Volume, *, postprocess: bool = True) -> Volume:
@@ -220,8 +235,9 @@ class Segmenter:
         clock = time.perf_counter()
         in_affine = np.asarray(volume.affine, dtype=np.float64)
         in_shape = volume.spatial_shape + ((1,) if volume.spatial_ndim == 2 else ())
-        label_array, prob_array = probabilities_to_input_grid(probs, pre_affine, in_affine, in_shape,
-                                                              label_ids=self.labels.ids, keep_probabilities=probabilities)
+        label_array, prob_array = probabilities_to_input_grid(
+            probs, pre_affine, in_affine, in_shape, label_ids=self.labels.ids, keep_probabilities=probabilities
+        )
         del probs
         if volume.spatial_ndim == 2:
             label_array = label_array[..., 0]
@@ -229,13 +245,16 @@ class Segmenter:
         timings["invert_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         if postprocess and self.postprocessing:
-            label_array = apply_postprocessing(label_array, self.postprocessing, labels=self.labels,
-                                               spacing_mm=volume.spacing_mm)
+            label_array = apply_postprocessing(
+                label_array, self.postprocessing, labels=self.labels, spacing_mm=volume.spacing_mm
+            )
         timings["postprocess_s"] = time.perf_counter() - clock
         meta = _output_meta(volume)
         labels = Volume(label_array[None], volume.affine, kind="label", meta=meta)
         prob_volume = Volume(prob_array, volume.affine, kind="image", meta=meta) if prob_array is not None else None
-        return Prediction(labels=labels, probabilities=prob_volume, timings_s={k: round(v, 4) for k, v in timings.items()})
+        return Prediction(
+            labels=labels, probabilities=prob_volume, timings_s={k: round(v, 4) for k, v in timings.items()}
+        )
 
     def describe(self) -> dict[str, Any]:
         """Plain JSON provenance: checkpoints and hashes, configuration, options, device."""
@@ -252,8 +271,10 @@ class Segmenter:
         }
 
     def __repr__(self) -> str:
-        return (f"Segmenter(folds={len(self.networks)}, config={self.config!r}, classes={self.labels.num_classes}, "
-                f"device={str(self.device)!r}, tta={self.tta}, overlap={self.overlap})")
+        return (
+            f"Segmenter(folds={len(self.networks)}, config={self.config!r}, classes={self.labels.num_classes}, "
+            f"device={str(self.device)!r}, tta={self.tta}, overlap={self.overlap})"
+        )
 
     # -- stages -----------------------------------------------------------------------------------
     def _preprocess(self, volume: Volume) -> tuple[torch.Tensor, np.ndarray]:
@@ -262,7 +283,9 @@ class Segmenter:
         if volume.spatial_ndim == 2 and len(spacing) == 3:  # a 2D image through 3D plans: one z slice
             volume = Volume(volume.array[..., None], volume.affine, kind="image", meta=volume.meta)
         if volume.spatial_ndim != len(spacing):
-            raise MedsegUserError(f"{where}: a {volume.spatial_ndim}D image, but the model was planned for {len(spacing)}D images")
+            raise MedsegUserError(
+                f"{where}: a {volume.spatial_ndim}D image, but the model was planned for {len(spacing)}D images"
+            )
         expected = len(self.plans["normalization"])
         if volume.num_channels != expected:
             raise MedsegUserError(f"{where}: {volume.num_channels} channel(s), but the model takes {expected}")
@@ -296,8 +319,14 @@ class Segmenter:
     def _sliding_logits(self, network: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
         """Gaussian-blended logits of one network over the whole preprocessed image (the one engine)."""
         return sliding_window_logits(
-            network, image, plans_config=self.plans_config, num_classes=self.labels.num_classes,
-            device=self.device, overlap=self.overlap, mirror=self.tta, amp=self.amp,
+            network,
+            image,
+            plans_config=self.plans_config,
+            num_classes=self.labels.num_classes,
+            device=self.device,
+            overlap=self.overlap,
+            mirror=self.tta,
+            amp=self.amp,
             sw_batch_size=self.sw_batch_size,
         )
 

@@ -109,8 +109,7 @@ def write_json(content: Any, path: str | os.PathLike[str], *, indent: int | None
     return write_text(text + "\n", path)
 
 
-def read_json(path: str | os.PathLike[str], *, what: str,
-              error: type[MedsegUserError] = MedsegUserError) -> Any:
+def read_json(path: str | os.PathLike[str], *, what: str, error: type[MedsegUserError] = MedsegUserError) -> Any:
     """Parse a JSON file; any failure is one ``error`` naming the file and ``what`` it should be.
 
     Messages: ``"<path>: <what> not found"``, ``"<path>: invalid JSON (line L, column C: ...)"``,

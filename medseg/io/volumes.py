@@ -123,8 +123,7 @@ def read_volume(path: str | os.PathLike[str], *, kind: VolumeKind = "image") -> 
             array, affine, meta = read_2d(path, kind=kind)
         else:
             raise InvalidFileError(
-                f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)} "
-                "or a DICOM folder)"
+                f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)"
             )
     except InvalidFileError:
         raise
@@ -143,9 +142,7 @@ def read_volume(path: str | os.PathLike[str], *, kind: VolumeKind = "image") -> 
         raise InvalidFileError(f"{path}: invalid geometry ({error})") from None
 
 
-def read_channels(
-    paths: Sequence[str | os.PathLike[str]], *, tolerance_mm: float = 1e-3
-) -> Volume:
+def read_channels(paths: Sequence[str | os.PathLike[str]], *, tolerance_mm: float = 1e-3) -> Volume:
     """Read one image per channel and stack them; every channel must share the first's grid.
 
     Raises:
@@ -158,9 +155,7 @@ def read_channels(
     for path, other in zip(paths[1:], volumes[1:]):
         differences = first.geometry_differences(other, tolerance_mm=tolerance_mm)
         if differences:
-            raise GeometryMismatchError(
-                f"{path}: geometry differs from {paths[0]}: {'; '.join(differences)}"
-            )
+            raise GeometryMismatchError(f"{path}: geometry differs from {paths[0]}: {'; '.join(differences)}")
     if len(volumes) == 1:
         return first
     meta = dict(first.meta)

@@ -92,9 +92,12 @@ def detections_record(
     IoU >= 0.5 are kept (no AP threshold below 0.5 is reported).
     """
     keep = np.asarray(pair_iou) >= 0.5
-    pairs = [[int(p), int(r), float(v)] for p, r, v in zip(np.asarray(pair_pred_index)[keep],
-                                                            np.asarray(pair_ref_index)[keep],
-                                                            np.asarray(pair_iou)[keep])]
+    pairs = [
+        [int(p), int(r), float(v)]
+        for p, r, v in zip(
+            np.asarray(pair_pred_index)[keep], np.asarray(pair_ref_index)[keep], np.asarray(pair_iou)[keep]
+        )
+    ]
     return {"scores": [float(s) for s in np.asarray(scores)], "pairs": pairs, "n_ref": int(n_ref)}
 
 
@@ -125,7 +128,10 @@ def pooled_average_precision(cases: Sequence[Mapping[str, object]], *, iou_thres
             ious.append(float(v))
         n_ref += int(case["n_ref"])  # type: ignore[call-overload]
     return average_precision(
-        scores=np.asarray(scores, dtype=np.float64), pair_pred_index=np.asarray(pred_index, dtype=np.int64),
-        pair_ref_index=np.asarray(ref_index, dtype=np.int64), pair_iou=np.asarray(ious, dtype=np.float64),
-        n_ref=n_ref, iou_threshold=iou_threshold,
+        scores=np.asarray(scores, dtype=np.float64),
+        pair_pred_index=np.asarray(pred_index, dtype=np.int64),
+        pair_ref_index=np.asarray(ref_index, dtype=np.int64),
+        pair_iou=np.asarray(ious, dtype=np.float64),
+        n_ref=n_ref,
+        iou_threshold=iou_threshold,
     )

@@ -400,8 +400,12 @@ def _summary(
         ref_index = np.searchsorted(table.ref_ids, table.pair_ref)
         ap50, ap75 = (
             average_precision(
-                scores=scores, pair_pred_index=pred_index, pair_ref_index=ref_index, pair_iou=match.pair_iou,
-                n_ref=n_ref, iou_threshold=threshold,
+                scores=scores,
+                pair_pred_index=pred_index,
+                pair_ref_index=ref_index,
+                pair_iou=match.pair_iou,
+                n_ref=n_ref,
+                iou_threshold=threshold,
             )
             for threshold in (0.5, 0.75)
         )
@@ -427,22 +431,50 @@ def _summary(
 
 
 LESION_COLUMNS: tuple[str, ...] = (
-    "source", "lesion_id", "n_voxels", "volume_ml", "centroid_vox", "best_iou", "matched", "matched_id", "dice",
+    "source",
+    "lesion_id",
+    "n_voxels",
+    "volume_ml",
+    "centroid_vox",
+    "best_iou",
+    "matched",
+    "matched_id",
+    "dice",
     "score",
 )
 
 
 def _lesion_rows(
-    table: _Table, match: InstanceMatch, scores: np.ndarray | None, voxel_ml: float, ref_dice: np.ndarray,
+    table: _Table,
+    match: InstanceMatch,
+    scores: np.ndarray | None,
+    voxel_ml: float,
+    ref_dice: np.ndarray,
     pred_dice: np.ndarray,
 ) -> pd.DataFrame:
     no_scores = np.full(len(table.pred_ids), np.nan)
     rows = []
     for source, ids, sizes, centroids, best, partner, dice, score in (
-        ("reference", table.ref_ids, table.ref_voxels, table.ref_centroids, match.ref_best_iou,
-         match.ref_matched_id, ref_dice, np.full(len(table.ref_ids), np.nan)),
-        ("prediction", table.pred_ids, table.pred_voxels, table.pred_centroids, match.pred_best_iou,
-         match.pred_matched_id, pred_dice, no_scores if scores is None else scores),
+        (
+            "reference",
+            table.ref_ids,
+            table.ref_voxels,
+            table.ref_centroids,
+            match.ref_best_iou,
+            match.ref_matched_id,
+            ref_dice,
+            np.full(len(table.ref_ids), np.nan),
+        ),
+        (
+            "prediction",
+            table.pred_ids,
+            table.pred_voxels,
+            table.pred_centroids,
+            match.pred_best_iou,
+            match.pred_matched_id,
+            pred_dice,
+            no_scores if scores is None else scores,
+        ),
     ):
         for k, lesion_id in enumerate(ids.tolist()):
             rows.append(

@@ -45,9 +45,7 @@ __all__ = [
     "dice_per_structure",
 ]
 
-OVERLAP_KEYS: tuple[str, ...] = (
-    "status", "dice", "iou", "precision", "recall", "ref_ml", "pred_ml", "volume_diff_ml"
-)
+OVERLAP_KEYS: tuple[str, ...] = ("status", "dice", "iou", "precision", "recall", "ref_ml", "pred_ml", "volume_diff_ml")
 
 _CHUNK_VOXELS = 1 << 19  # bounded temporaries: ~0.5M voxels per chunk, cache-friendly
 
@@ -67,9 +65,7 @@ def _check_labels(array: np.ndarray, name: str, num_classes: int) -> None:
         offending = np.unique(array[(array < 0) | (array >= num_classes)])
         shown = offending[:10].tolist()
         more = f" (and {offending.size - 10} more)" if offending.size > 10 else ""
-        raise ValueError(
-            f"{name} has labels {shown}{more} outside 0..{num_classes - 1} (num_classes={num_classes})"
-        )
+        raise ValueError(f"{name} has labels {shown}{more} outside 0..{num_classes - 1} (num_classes={num_classes})")
 
 
 def confusion_matrix(reference: np.ndarray, prediction: np.ndarray, *, num_classes: int) -> np.ndarray:
@@ -195,9 +191,7 @@ def _voxel_volume_ml(spacing_mm: Sequence[float], ndim: int) -> float:
     return float(np.prod(spacing)) / 1000.0
 
 
-def overlap_from_confusion(
-    cm: np.ndarray, *, label: int, spacing_mm: Sequence[float]
-) -> dict[str, float | str]:
+def overlap_from_confusion(cm: np.ndarray, *, label: int, spacing_mm: Sequence[float]) -> dict[str, float | str]:
     """:func:`overlap_from_counts` for structure ``label`` of a confusion matrix.
 
     Args:
@@ -339,7 +333,9 @@ def dice_per_structure(
     """
     reference = np.asarray(reference)
     prediction = np.asarray(prediction)
-    num_classes = int(max(reference.max(initial=0), prediction.max(initial=0), *(max(ids) for _, ids in structures))) + 1
+    num_classes = (
+        int(max(reference.max(initial=0), prediction.max(initial=0), *(max(ids) for _, ids in structures))) + 1
+    )
     cm = confusion_matrix(reference, prediction, num_classes=num_classes)
     result = {}
     for name, ids in structures:

@@ -51,10 +51,10 @@ from medseg.metrics.surface_search import (
     _pad_crop,
     _padded_boundary,
     _structure_metrics,
-    surface_element_areas,
     _validate_pair,
     _validate_spacing,
     _validate_tolerance,
+    surface_element_areas,
 )
 
 __all__ = [

@@ -333,7 +333,11 @@ class _Frame:
 
 
 def _shell_search(
-    source: np.ndarray, target: np.ndarray, frame: _Frame, grid: np.ndarray, offsets: np.ndarray,
+    source: np.ndarray,
+    target: np.ndarray,
+    frame: _Frame,
+    grid: np.ndarray,
+    offsets: np.ndarray,
     dists: np.ndarray,
 ) -> np.ndarray:
     """Distance from each source point to the first target point met at ``source + offset`` (offsets sorted by
@@ -376,9 +380,7 @@ def _nan_result() -> dict[str, float]:
     return {key: math.nan for key in SURFACE_KEYS}
 
 
-def _directed_distances(
-    ref: _Surface, pred: _Surface, spacing: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _directed_distances(ref: _Surface, pred: _Surface, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``d(R->P)`` and ``d(P->R)`` for all boundary voxels: offset shells first, the k-d tree for the rest."""
     offsets, dists = _distance_offsets(spacing)
     frame = _Frame.around([ref.voxels, pred.voxels], offsets)

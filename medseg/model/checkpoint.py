@@ -136,7 +136,9 @@ def resolve_checkpoints(
         elif (path / f"checkpoint_{which}.pt").is_file():
             found.append(path / f"checkpoint_{which}.pt")
         elif path.is_dir():
-            folds = sorted(p / f"checkpoint_{which}.pt" for p in path.glob("fold_*") if (p / f"checkpoint_{which}.pt").is_file())
+            folds = sorted(
+                p / f"checkpoint_{which}.pt" for p in path.glob("fold_*") if (p / f"checkpoint_{which}.pt").is_file()
+            )
             if not folds:
                 raise CheckpointError(f"{path}: holds neither checkpoint_{which}.pt nor fold_*/checkpoint_{which}.pt")
             found += folds

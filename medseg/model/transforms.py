@@ -251,7 +251,9 @@ def training_augmentation(plans: Mapping[str, Any], config: str = "3d", *, seed:
         RandScaleIntensityd("image", factors=0.25, prob=p["brightness"]),
         RandScaleIntensityFixedMeand("image", factors=0.25, prob=p["contrast"], preserve_range=True),
         RandSimulateLowResolutiond(
-            "image", prob=p["low_resolution"], zoom_range=(0.5, 1.0),
+            "image",
+            prob=p["low_resolution"],
+            zoom_range=(0.5, 1.0),
             upsample_mode="trilinear" if dims == 3 else "bilinear",
         ),
         RandAdjustContrastd("image", prob=p["gamma"], gamma=(0.7, 1.5), retain_stats=True),

@@ -126,8 +126,15 @@ def sliding_window_logits(
     batch = batch.to(torch.float16 if large else torch.float32)
     accumulate_on = device if device.type == "cuda" else torch.device("cpu")
     inferer = SlidingWindowInferer(
-        roi_size=patch, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", sigma_scale=0.125,
-        padding_mode="constant", cval=0.0, sw_device=device, device=accumulate_on,
+        roi_size=patch,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode="gaussian",
+        sigma_scale=0.125,
+        padding_mode="constant",
+        cval=0.0,
+        sw_device=device,
+        device=accumulate_on,
     )
     amp = amp and device.type == "cuda"
     predictor = _MirroredLogits(network, flips=mirror_axes(dims) if mirror else [()], amp=amp, device=device)

@@ -39,15 +39,12 @@ def _fingerprint_case(manifest: Manifest, case: Case, seed: int) -> dict[str, An
     label = manifest.read_label(case)
     differences = image.geometry_differences(label)
     if differences:
-        raise MedsegUserError(
-            f"{case.label}: label geometry differs from {case.images[0]}: {'; '.join(differences)}"
-        )
+        raise MedsegUserError(f"{case.label}: label geometry differs from {case.images[0]}: {'; '.join(differences)}")
     values = np.unique(label.array)
     unknown = sorted(set(int(v) for v in values) - set(manifest.labels.ids))
     if unknown:
         raise LabelValueError(
-            f"{case.label}: label values {unknown} are not in the manifest's labels "
-            f"{list(manifest.labels.ids)}"
+            f"{case.label}: label values {unknown} are not in the manifest's labels {list(manifest.labels.ids)}"
         )
     ndim = image.spatial_ndim
     order = ras_axis_order(image.affine, ndim=ndim)
@@ -112,9 +109,7 @@ def fingerprint_dataset(
     if not cases:
         raise ManifestError(f"{manifest.name}: no labelled training cases to plan from")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(
-            pool.map(lambda ic: _fingerprint_case(manifest, ic[1], seed + ic[0]), enumerate(cases))
-        )
+        results = list(pool.map(lambda ic: _fingerprint_case(manifest, ic[1], seed + ic[0]), enumerate(cases)))
     spacings = np.array([r["spacing_mm"] for r in results], dtype=float)
     shapes = np.array([r["shape"] for r in results], dtype=float)
     intensity = []
@@ -134,9 +129,7 @@ def fingerprint_dataset(
                 "max": float(pooled.max()),
             }
         )
-    class_voxels = {
-        str(i): int(sum(r["class_voxels"][str(i)] for r in results)) for i in manifest.labels.ids
-    }
+    class_voxels = {str(i): int(sum(r["class_voxels"][str(i)] for r in results)) for i in manifest.labels.ids}
     return {
         "dataset": dataset_identity(manifest),
         "num_cases": len(results),

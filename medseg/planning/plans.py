@@ -48,8 +48,7 @@ def check_plans_match(plans: Mapping[str, Any], manifest: Manifest) -> None:
         problems.append(f"channels {theirs.get('channels')} vs {ours['channels']}")
     if problems:
         raise MedsegUserError(
-            f"plans were made for dataset {theirs.get('name')!r}, not {ours['name']!r}: "
-            + "; ".join(problems)
+            f"plans were made for dataset {theirs.get('name')!r}, not {ours['name']!r}: " + "; ".join(problems)
         )
 
 
@@ -58,8 +57,11 @@ def _number(value: Any) -> bool:
 
 
 def _positive_ints(value: Any, length: int | None = None) -> bool:
-    return (isinstance(value, list) and (length is None or len(value) == length)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+    return (
+        isinstance(value, list)
+        and (length is None or len(value) == length)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
 
 
 def validate_plans(plans: Any, *, source: str | os.PathLike[str] = "plans") -> dict[str, Any]:
@@ -190,8 +192,9 @@ def plan_dataset(
     """
     manifest = load_manifest(manifest_path, data_root=data_root)
     fingerprint = fingerprint_dataset(manifest, workers=workers)
-    plans = make_plans(fingerprint, memory_budget_gb=memory_budget_gb, base_features=base_features,
-                       augmentation=augmentation)
+    plans = make_plans(
+        fingerprint, memory_budget_gb=memory_budget_gb, base_features=base_features, augmentation=augmentation
+    )
     out = Path(out)
     write_json(fingerprint, out.with_name("fingerprint.json"))
     write_json(plans, out)

@@ -10,7 +10,13 @@ from typing import Any, Mapping
 
 from medseg.errors import MedsegUserError
 
-__all__ = ["AUGMENTATION_DEFAULTS", "AUGMENTATION_PRESETS", "DEFAULT_AUGMENTATION", "PLANS_FORMAT_VERSION", "augmentation_probabilities"]
+__all__ = [
+    "AUGMENTATION_DEFAULTS",
+    "AUGMENTATION_PRESETS",
+    "DEFAULT_AUGMENTATION",
+    "PLANS_FORMAT_VERSION",
+    "augmentation_probabilities",
+]
 
 #: Probability of each training augmentation per patch in nnU-Net (made for ~1000 GPU epochs).
 #: Plans carry their own copy in an ``augmentation`` section, editable (0 switches one off).
@@ -34,8 +40,14 @@ AUGMENTATION_DEFAULTS: dict[str, float] = {
 AUGMENTATION_PRESETS: dict[str, dict[str, float]] = {
     "nnunet": dict(AUGMENTATION_DEFAULTS),
     "light": {
-        "rotate_scale": 0.1, "noise": 0.05, "blur": 0.05, "brightness": 0.1, "contrast": 0.1,
-        "low_resolution": 0.05, "gamma": 0.1, "mirror": 0.5,
+        "rotate_scale": 0.1,
+        "noise": 0.05,
+        "blur": 0.05,
+        "brightness": 0.1,
+        "contrast": 0.1,
+        "low_resolution": 0.05,
+        "gamma": 0.1,
+        "mirror": 0.5,
     },
     "mirror": {**dict.fromkeys(AUGMENTATION_DEFAULTS, 0.0), "mirror": 0.5},
 }
@@ -54,9 +66,7 @@ def augmentation_probabilities(plans: Mapping[str, Any]) -> dict[str, float]:
         raise MedsegUserError("plans: 'augmentation' must be an object of probabilities")
     unknown = sorted(set(given) - set(AUGMENTATION_DEFAULTS))
     if unknown:
-        raise MedsegUserError(
-            f"plans: unknown augmentation {unknown} (known: {sorted(AUGMENTATION_DEFAULTS)})"
-        )
+        raise MedsegUserError(f"plans: unknown augmentation {unknown} (known: {sorted(AUGMENTATION_DEFAULTS)})")
     probabilities = {**AUGMENTATION_DEFAULTS, **given}
     for name, value in probabilities.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:

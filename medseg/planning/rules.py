@@ -105,10 +105,7 @@ def network_topology(
     strides: list[list[int]] = [[1] * ndim]
     while len(strides) < max_stages:
         finest = spacing.min()
-        stride = [
-            2 if (size[a] >= 2 * min_feature_map and spacing[a] <= 2 * finest) else 1
-            for a in range(ndim)
-        ]
+        stride = [2 if (size[a] >= 2 * min_feature_map and spacing[a] <= 2 * finest) else 1 for a in range(ndim)]
         if not any(s == 2 for s in stride):
             break
         size = size / np.array(stride)

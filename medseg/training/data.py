@@ -28,8 +28,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class CaseCache:
     """Preprocessed cases in memory up to a byte budget; the rest are preprocessed on use."""
 
-    def __init__(self, cases: Sequence[Case], chain: Any, *, label_ids: Sequence[int],
-                 budget_bytes: float, workers: int) -> None:
+    def __init__(
+        self, cases: Sequence[Case], chain: Any, *, label_ids: Sequence[int], budget_bytes: float, workers: int
+    ) -> None:
         self.cases = list(cases)
         self.chain = chain
         self.label_ids = set(int(i) for i in label_ids)
@@ -88,8 +89,15 @@ def _plain(value: Any) -> torch.Tensor:
     return value.as_tensor() if hasattr(value, "as_tensor") else value
 
 
-def sample_batch(cache: CaseCache, augment: Any, indices: Sequence[int], *, cfg: Mapping[str, Any],
-           rng: np.random.Generator, oversample: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    cache: CaseCache,
+    augment: Any,
+    indices: Sequence[int],
+    *,
+    cfg: Mapping[str, Any],
+    rng: np.random.Generator,
+    oversample: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for index in indices:
         item = cache[int(index)]

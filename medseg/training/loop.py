@@ -84,8 +84,11 @@ def _optimizer(network: torch.nn.Module, settings: Mapping[str, Any], lr0: float
     weight_decay = float(settings.get("weight_decay", 3e-5))
     if name == "sgd":
         return torch.optim.SGD(
-            network.parameters(), lr=lr0, momentum=float(settings.get("momentum", 0.99)),
-            nesterov=bool(settings.get("nesterov", True)), weight_decay=weight_decay,
+            network.parameters(),
+            lr=lr0,
+            momentum=float(settings.get("momentum", 0.99)),
+            nesterov=bool(settings.get("nesterov", True)),
+            weight_decay=weight_decay,
         )
     if name == "adamw":
         return torch.optim.AdamW(network.parameters(), lr=lr0, weight_decay=weight_decay)
@@ -181,7 +184,10 @@ def train_fold(
 
     from medseg.model.networks import build_network, deep_supervision_outputs
     from medseg.model.transforms import (
-        default_workers, preprocessing, training_augmentation, training_cache_transforms,
+        default_workers,
+        preprocessing,
+        training_augmentation,
+        training_cache_transforms,
     )
 
     config, epochs, time_limit_min = options.config, options.epochs, options.time_limit_min
@@ -202,7 +208,9 @@ def train_fold(
         plans = checkpoint["plans"]
         config = checkpoint["config"]
     elif last_path.exists():
-        raise MedsegUserError(f"{out_dir}: run folder already holds a checkpoint; pass resume=True or use another folder")
+        raise MedsegUserError(
+            f"{out_dir}: run folder already holds a checkpoint; pass resume=True or use another folder"
+        )
     check_plans_match(plans, manifest)
     if config not in plans["configurations"]:
         raise MedsegUserError(f"plans have no configuration {config!r} (known: {sorted(plans['configurations'])})")
@@ -228,12 +236,28 @@ def train_fold(
     torch_device = select_device(options.device)
     amp = torch_device.type == "cuda"
     resolved = {
-        "manifest": manifest.to_json(), "fold": fold, "config": config, "out_dir": str(out_dir),
-        "epochs": epochs, "time_limit_min": time_limit_min, "device": str(torch_device), "resume": resume,
-        "seed": seed, "batch_size": batch, "iterations_per_epoch": per_epoch, "validate_every": val_every,
-        "learning_rate": lr0, "max_epochs_this_run": max_epochs_this_run, "num_threads": torch.get_num_threads(),
-        "workers": workers, "amp": amp, "options": options.to_json(), "medseg_version": __version__, "torch_version": torch.__version__,
-        "train_cases": [c.case_id for c in train_cases], "validation_cases": [c.case_id for c in val_cases],
+        "manifest": manifest.to_json(),
+        "fold": fold,
+        "config": config,
+        "out_dir": str(out_dir),
+        "epochs": epochs,
+        "time_limit_min": time_limit_min,
+        "device": str(torch_device),
+        "resume": resume,
+        "seed": seed,
+        "batch_size": batch,
+        "iterations_per_epoch": per_epoch,
+        "validate_every": val_every,
+        "learning_rate": lr0,
+        "max_epochs_this_run": max_epochs_this_run,
+        "num_threads": torch.get_num_threads(),
+        "workers": workers,
+        "amp": amp,
+        "options": options.to_json(),
+        "medseg_version": __version__,
+        "torch_version": torch.__version__,
+        "train_cases": [c.case_id for c in train_cases],
+        "validation_cases": [c.case_id for c in val_cases],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(resolved, out_dir / "resolved_config.json")
@@ -242,10 +266,20 @@ def train_fold(
     # -- data -----------------------------------------------------------------------------------
     budget = float(settings.get("cache_budget_gb", 4.0)) * 1024**3
     label_ids = manifest.labels.ids
-    train_cache = CaseCache(train_cases, training_cache_transforms(plans, config), label_ids=label_ids,
-                             budget_bytes=budget * 0.8, workers=workers)
-    val_cache = CaseCache(val_cases, Compose(preprocessing(plans, config)),
-                           label_ids=label_ids, budget_bytes=budget * 0.2, workers=workers)
+    train_cache = CaseCache(
+        train_cases,
+        training_cache_transforms(plans, config),
+        label_ids=label_ids,
+        budget_bytes=budget * 0.8,
+        workers=workers,
+    )
+    val_cache = CaseCache(
+        val_cases,
+        Compose(preprocessing(plans, config)),
+        label_ids=label_ids,
+        budget_bytes=budget * 0.2,
+        workers=workers,
+    )
     structures = [(s.name, s.label_ids) for s in manifest.labels.structures()]
     oversample = float(plans.get("foreground_oversample", 1.0 / 3.0))
 
@@ -258,8 +292,9 @@ def train_fold(
     network.to(memory_format=memory_format)
     optimizer = _optimizer(network, settings, lr0)
     loss_fn = DeepSupervisionLoss(
-        DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
-                   smooth_nr=1e-5, smooth_dr=1e-5),
+        DiceCELoss(
+            include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
+        ),
         weight_mode="exp",
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -300,28 +335,51 @@ def train_fold(
 
     def snapshot() -> dict[str, Any]:
         training_state = {
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration,
-            "elapsed_s": elapsed(), "best_dice": best_dice, "best_epoch": best_epoch,
-            "history": history, "rng": _rng_state(), "seed": seed,
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "elapsed_s": elapsed(),
+            "best_dice": best_dice,
+            "best_epoch": best_epoch,
+            "history": history,
+            "rng": _rng_state(),
+            "seed": seed,
         }
         if amp:
             training_state["scaler"] = scaler.state_dict()
         return {
             "model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-            "plans": plans, "config": config, "labels": manifest.labels.to_json(),
-            "channels": list(manifest.channels), "fold": fold, "training": training_state,
+            "plans": plans,
+            "config": config,
+            "labels": manifest.labels.to_json(),
+            "channels": list(manifest.channels),
+            "fold": fold,
+            "training": training_state,
         }
 
-    bar = tqdm(total=epochs, initial=epoch, disable=not progress, desc=f"fold {fold} {config}", unit="epoch",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=epochs,
+        initial=epoch,
+        disable=not progress,
+        desc=f"fold {fold} {config}",
+        unit="epoch",
+        dynamic_ncols=True,
+    )
     last_val: dict[str, float] = {}
     val_seconds = 0.0
     if time_limit_s and len(val_cache):
         # reserve the final validation inside the budget: time one case, scale to all of them
         for _ in range(2):  # the second call is timed: the first pays one-off start-up costs
             probe_start = time.monotonic()
-            sliding_window_logits(network, val_cache[0]["image"], plans_config=cfg, device=torch_device, amp=amp,
-                                  num_classes=manifest.labels.num_classes, sw_batch_size=int(cfg.get("batch_size", 2)))
+            sliding_window_logits(
+                network,
+                val_cache[0]["image"],
+                plans_config=cfg,
+                device=torch_device,
+                amp=amp,
+                num_classes=manifest.labels.num_classes,
+                sw_batch_size=int(cfg.get("batch_size", 2)),
+            )
         val_seconds = (time.monotonic() - probe_start) * len(val_cache) * 1.1
     epochs_this_run = 0
     finished = False
@@ -342,8 +400,14 @@ def train_fold(
             lr = lr0 * (1.0 - progress_fraction()) ** poly
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, labels = sample_batch(train_cache, augment, rng.integers(len(train_cache), size=batch),
-                                    cfg=cfg, rng=rng, oversample=oversample)
+            images, labels = sample_batch(
+                train_cache,
+                augment,
+                rng.integers(len(train_cache), size=batch),
+                cfg=cfg,
+                rng=rng,
+                oversample=oversample,
+            )
             images, labels = images.to(torch_device), labels.to(torch_device)
             images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
@@ -366,13 +430,23 @@ def train_fold(
         if time_limit_s and elapsed() + val_seconds >= time_limit_s:
             finished = True
         row: dict[str, Any] = {
-            "epoch": epoch, "iteration": iteration, "learning_rate": lr,
-            "train_loss": float(np.mean(losses)), "epoch_time_s": round(time.monotonic() - epoch_start, 3),
+            "epoch": epoch,
+            "iteration": iteration,
+            "learning_rate": lr,
+            "train_loss": float(np.mean(losses)),
+            "epoch_time_s": round(time.monotonic() - epoch_start, 3),
         }
         if val_cases and (epoch % val_every == 0 or finished):
             val_start = time.monotonic()
-            last_val = validate(network, val_cache, cfg=cfg, structures=structures, device=torch_device, amp=amp,
-                                num_classes=manifest.labels.num_classes)
+            last_val = validate(
+                network,
+                val_cache,
+                cfg=cfg,
+                structures=structures,
+                device=torch_device,
+                amp=amp,
+                num_classes=manifest.labels.num_classes,
+            )
             val_seconds = time.monotonic() - val_start
             row.update({f"val_dice_{k}": v for k, v in last_val.items()})
             row["val_time_s"] = round(val_seconds, 3)
@@ -400,8 +474,17 @@ def train_fold(
         # no validation (no validation cases): the last checkpoint is the best we know.
         save_checkpoint(load_checkpoint(last_path), best_path)
     return {
-        "out_dir": str(out_dir), "fold": fold, "config": config, "device": str(torch_device), "epochs": epoch, "iterations": iteration,
-        "elapsed_s": round(elapsed(), 1), "wall_s": round(time.monotonic() - start_clock, 1),
-        "best_dice": best_dice, "best_epoch": best_epoch, "final_dice": last_val,
-        "cached_cases": len(train_cache.items), "cache_bytes": train_cache.cached_bytes,
+        "out_dir": str(out_dir),
+        "fold": fold,
+        "config": config,
+        "device": str(torch_device),
+        "epochs": epoch,
+        "iterations": iteration,
+        "elapsed_s": round(elapsed(), 1),
+        "wall_s": round(time.monotonic() - start_clock, 1),
+        "best_dice": best_dice,
+        "best_epoch": best_epoch,
+        "final_dice": last_val,
+        "cached_cases": len(train_cache.items),
+        "cache_bytes": train_cache.cached_bytes,
     }

@@ -55,8 +55,15 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.time_limit_min is not None and not self.time_limit_min > 0:
             raise MedsegUserError(f"time limit must be > 0 minutes, got {self.time_limit_min}")
-        for name in ("epochs", "batch_size", "iterations_per_epoch", "validate_every", "max_epochs_this_run",
-                     "num_threads", "workers"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "iterations_per_epoch",
+            "validate_every",
+            "max_epochs_this_run",
+            "num_threads",
+            "workers",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise MedsegUserError(f"{name} must be a positive integer, got {value!r}")

@@ -20,9 +20,16 @@ from medseg.training.data import CaseCache
 __all__ = ["validate"]
 
 
-def validate(network: torch.nn.Module, cache: CaseCache, *, cfg: Mapping[str, Any],
-             structures: Sequence[tuple[str, Sequence[int]]], device: torch.device, amp: bool,
-             num_classes: int) -> dict[str, float]:
+def validate(
+    network: torch.nn.Module,
+    cache: CaseCache,
+    *,
+    cfg: Mapping[str, Any],
+    structures: Sequence[tuple[str, Sequence[int]]],
+    device: torch.device,
+    amp: bool,
+    num_classes: int,
+) -> dict[str, float]:
     """Mean Dice per structure (and their mean, ``"mean"``) over the validation cases.
 
     Each case is predicted on its preprocessed grid by the same sliding-window engine prediction
@@ -33,8 +40,15 @@ def validate(network: torch.nn.Module, cache: CaseCache, *, cfg: Mapping[str, An
     scores: dict[str, list[float]] = {name: [] for name, _ in structures}
     for index in range(len(cache)):
         item = cache[index]
-        logits = sliding_window_logits(network, item["image"], plans_config=cfg, num_classes=num_classes,
-                                       device=device, amp=amp, sw_batch_size=int(cfg.get("batch_size", 2)))
+        logits = sliding_window_logits(
+            network,
+            item["image"],
+            plans_config=cfg,
+            num_classes=num_classes,
+            device=device,
+            amp=amp,
+            sw_batch_size=int(cfg.get("batch_size", 2)),
+        )
         prediction = logits.argmax(0).cpu().numpy()
         reference = item["label"][0].numpy()
         for name, value in dice_per_structure(reference, prediction, structures=structures).items():
