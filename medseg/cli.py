@@ -208,6 +208,13 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint_last.pt."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    loader_workers: Optional[int] = typer.Option(
+        None,
+        "--loader-workers",
+        min=0,
+        max=1,
+        help="Background process making batches: 0 or 1 (default: 1 on CUDA or when a core is free of torch's threads).",
+    ),
     postprocessing: bool = typer.Option(
         True,
         "--postprocessing/--no-postprocessing",
@@ -230,6 +237,7 @@ def train(
         resume=resume,
         seed=seed,
         num_threads=threads or None,
+        loader_workers=loader_workers,
         progress=sys.stderr.isatty(),
     )
     runs = result if isinstance(result, list) else [result]
@@ -248,7 +256,10 @@ def train(
             device=device,
             progress=sys.stderr.isatty(),
         )
-        typer.echo(f"postprocessing chosen on the validation cases: {json.dumps(rules.get('rules', rules))}")
+        typer.echo(
+            f"postprocessing chosen on the validation cases (checkpoint_{rules.get('checkpoint', 'last')}.pt): "
+            f"{json.dumps(rules.get('rules', rules))}"
+        )
 
 
 @app.command()

@@ -98,6 +98,46 @@ def test_nifti_keeps_qform_sform_codes(tmp_path: Path) -> None:
     assert int(header["sform_code"]) == 4
 
 
+def _qform_sform_source(path: Path) -> nib.Nifti1Image:
+    """A scanner-like NIfTI: a rigid qform (code 1) beside a sheared, shifted sform (code 2)."""
+    qform = oblique_affine(spacing_mm=(0.7, 0.9, 3.0))
+    sform = qform.copy()
+    sform[0, 1] += 0.05  # a small shear, which a qform (rotation and zooms only) cannot hold
+    sform[:3, 3] += (1.5, -2.0, 0.75)
+    image = nib.Nifti1Image(RNG.normal(size=(6, 5, 4)).astype(np.float32), None)
+    image.set_qform(qform, code=1)
+    image.set_sform(sform, code=2)
+    nib.save(image, str(path))
+    return nib.load(str(path))
+
+
+def test_nifti_keeps_differing_qform_and_sform(tmp_path: Path) -> None:
+    """A label derived from a NIfTI gets the source's qform, sform and codes, not one affine in both."""
+    source = _qform_sform_source(tmp_path / "src.nii.gz")
+    assert not np.allclose(source.header.get_qform(), source.header.get_sform(), atol=1e-3)
+    image = read_volume(tmp_path / "src.nii.gz")
+    np.testing.assert_allclose(image.affine, source.header.get_sform(), atol=1e-6)  # nibabel's choice
+    label = image.with_array((image.array > 0).astype(np.uint8), kind="label")
+    written = nib.load(str(write_volume(label, tmp_path / "seg.nii.gz")))
+    header = written.header
+    np.testing.assert_allclose(header.get_qform(), source.header.get_qform(), atol=1e-5)
+    np.testing.assert_allclose(header.get_sform(), source.header.get_sform(), atol=1e-5)
+    assert int(header["qform_code"]) == 1
+    assert int(header["sform_code"]) == 2
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+
+
+def test_nifti_with_a_changed_affine_writes_its_own_affine_in_both(tmp_path: Path) -> None:
+    """Once the geometry changed (a shift here), the source's header no longer applies."""
+    _qform_sform_source(tmp_path / "src.nii.gz")
+    image = read_volume(tmp_path / "src.nii.gz")
+    moved_affine = oblique_affine(spacing_mm=(1.0, 1.0, 2.0), origin=(3.0, 4.0, 5.0))
+    moved = Volume(image.array[:, ::2], moved_affine, meta=image.meta)  # meta still names the source
+    header = nib.load(str(write_volume(moved, tmp_path / "moved.nii.gz"))).header
+    np.testing.assert_allclose(header.get_qform(), moved_affine, atol=1e-5)
+    np.testing.assert_allclose(header.get_sform(), moved_affine, atol=1e-5)
+
+
 def test_float_labels_cast_and_non_integral_rejected(tmp_path: Path) -> None:
     data = np.zeros((4, 4, 4), np.float32)
     data[1, 1, 1] = 2.0
@@ -235,6 +275,73 @@ def test_write_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         write_volume(_label(), target)
     assert target.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.nii.gz"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("what", ["volume", "json"])
+def test_writes_fsync_the_file_before_renaming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """The data must be on disk before the rename makes them the target, or a crash can leave it empty."""
+    from medseg.io import write_json
+
+    calls: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        calls.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def recording_replace(source, target) -> None:
+        calls.append(("replace", os.stat(source).st_ino, Path(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    if what == "volume":
+        target = write_volume(_label(), tmp_path / "seg.nii.gz")
+    else:
+        target = write_json({"a": 1}, tmp_path / "summary.json")
+    replaces = [(i, call) for i, call in enumerate(calls) if call[0] == "replace"]
+    assert len(replaces) == 1 and replaces[0][1][2] == target, calls
+    index, (_, inode, _) = replaces[0]
+    assert ("fsync", inode) in calls[:index], f"the temporary file was not fsynced before os.replace: {calls}"
+    assert os.stat(target).st_ino == inode
+
+
+@pytest.mark.parametrize("failing_step", ["save", "replace"])
+def test_permission_denied_is_an_output_error_naming_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_step: str
+) -> None:
+    """A read-only output folder, simulated (tests run as root, where chmod does not stop writes)."""
+    from medseg.errors import MedsegUserError
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[-1]))
+
+    if failing_step == "save":  # creating the temporary file fails
+        monkeypatch.setattr(nib, "save", denied)
+    else:  # the data are written, but the rename onto the target is refused
+        monkeypatch.setattr(os, "replace", denied)
+    target = folder / "seg.nii.gz"
+    with pytest.raises(OutputError, match=r"read_only/seg\.nii\.gz: cannot write \(Permission denied\)") as caught:
+        write_volume(_label(), target)
+    assert isinstance(caught.value, MedsegUserError)  # reported as a message, not a traceback
+    assert os.listdir(folder) == []  # neither the target nor a temporary file
+
+
+def test_read_only_folder_for_real(tmp_path: Path) -> None:
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user can write to a read-only folder (root): covered by the simulated test")
+        with pytest.raises(OutputError, match=r"read_only/seg\.nii\.gz: cannot write \(Permission denied\)"):
+            write_volume(_label(), folder / "seg.nii.gz")
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
 
 
 def test_strip_volume_suffix() -> None:

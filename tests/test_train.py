@@ -265,3 +265,32 @@ def test_training_runs_on_shared_data(tmp_path, dataset_name, manifest_name, con
     assert structures <= set(result["final_dice"])  # labels and regions (BraTS tumour regions) scored
     checkpoint = load_checkpoint(tmp_path / "run")
     assert checkpoint["channels"] == list(manifest.channels)
+
+
+def test_background_loader_gives_the_same_run(dataset, tmp_path) -> None:
+    """Batches made in a background worker process are the batches the training thread would make."""
+    manifest, plans = dataset
+    options = {**SMALL, "iterations_per_epoch": 3, "validate_every": 2}
+    train(manifest, plans=plans, out_dir=tmp_path / "serial", epochs=2, seed=3, loader_workers=0, **options)
+    train(manifest, plans=plans, out_dir=tmp_path / "worker", epochs=2, seed=3, loader_workers=1, **options)
+    serial, worker = _weights(tmp_path / "serial"), _weights(tmp_path / "worker")
+    assert all(torch.equal(serial[k], worker[k]) for k in serial)
+    resolved = json.loads((tmp_path / "worker" / "resolved_config.json").read_text())
+    assert resolved["loader_workers"] == 1
+
+
+def test_cache_budget_caches_what_fits_and_preprocesses_the_rest(dataset) -> None:
+    from medseg.model.transforms import training_cache_transforms
+    from medseg.training.data import CaseCache
+
+    manifest, plans = dataset
+    cases = manifest.labelled_cases
+    chain = training_cache_transforms(plans, "3d")
+    full = CaseCache(cases, chain, label_ids=manifest.labels.ids, budget_bytes=1e12, workers=1)
+    one = CaseCache(
+        cases, chain, label_ids=manifest.labels.ids, budget_bytes=full.cached_bytes / len(cases) * 1.5, workers=1
+    )
+    assert full.cached_cases == len(cases) and one.cached_cases == 1
+    for index in range(len(cases)):
+        assert torch.equal(full[index]["image"], one[index]["image"])  # uncached cases are preprocessed on use
+        assert full[index]["label"].dtype == torch.uint8

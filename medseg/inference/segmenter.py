@@ -2,27 +2,20 @@
 
 Prediction of one image::
 
-    Volume -> preprocessing (medseg.transforms: RAS, target spacing, foreground crop, normalisation)
-           -> sliding window on the preprocessed grid (Gaussian blending of logits; mirroring TTA
-              averages the logits of every flip of each window, as nnU-Net does)
+    Volume -> preprocessing (medseg.model.transforms: RAS, target spacing, foreground crop, normalisation)
+           -> the one sliding-window engine (medseg.model.windows: Gaussian blending of logits;
+              mirroring TTA averages the logits of every flip of each window, as nnU-Net does;
+              training validation uses the same engine)
            -> softmax per fold, mean over folds
-           -> probabilities resampled onto the *input* grid (linear, through the two affines)
+           -> probabilities resampled onto the *input* grid (medseg.inference.invert)
            -> argmax -> class index mapped to label id -> postprocessing (postprocessing.json)
            -> label Volume with exactly the input's spatial shape and affine
 
-The inversion does not replay MONAI's inverse transforms: it maps every input voxel through
-``inverse(preprocessed_affine) @ input_affine`` into the preprocessed grid and interpolates the
-probabilities there (``torch.nn.functional.grid_sample``), slab by slab. This is exact by
-construction for any chain that keeps its MetaTensor affine right (reorientation, resampling,
-cropping, padding; oblique and anisotropic inputs alike); voxels outside the preprocessed grid
-(cut away by the foreground crop) are background. When the two grids coincide no interpolation
-happens at all.
-
-Memory: the sliding window keeps one logit accumulator per fold on the preprocessed grid (float32,
-or float16 when it would exceed 1 GiB) and one weight map; the inversion works on slabs of the
-input grid: a 512x512x400 CT predicted at its own 0.78x0.78x1.5 mm spacing peaked at 4.0 GB RSS
-on CPU (benchmarks/bench_predict.py). On CUDA the accumulators, blending,
-softmax, resampling and argmax run on the GPU, with float16 autocast for the network.
+Memory: the engine keeps one logit accumulator per fold on the preprocessed grid (float32, or
+float16 when it would exceed 1 GiB) and one weight map; the softmax runs in place slab by slab and
+the inversion works on slabs of the input grid (``benchmarks/bench_predict.py --only memory``
+measures a 512x512x400 CT). On CUDA the accumulators, blending, softmax, resampling and argmax run
+on the GPU, with float16 autocast for the network.
 
 2D configurations run the 2D network on every slice along the plans' ``slice_axis``; a 2D image
 (e.g. a PNG) is one slice.

@@ -3,6 +3,16 @@
 A folder may hold several series; the one with the most files is read, and the others are named
 in ``meta["dicom_other_series"]``. Slices are ordered by GDCM by their position along the slice
 normal.
+
+The process locale is left alone. With SimpleITK 2.5.7 (ITK 5.4), listing the series
+(``GetGDCMSeriesIDs``, ``GetGDCMSeriesFileNames``) and reading them (``ImageSeriesReader.Execute``)
+make no ``setlocale`` or ``uselocale`` call at all (checked by interposing both libc functions),
+so nothing is saved or restored here: ``locale.setlocale`` with a value is itself a process-wide
+change that other threads can observe, and "restoring" a saved value can undo a change another
+thread made meanwhile. SimpleITK's DICOM *writer* is another matter: writing DS tags such as
+ImagePositionPatient calls ``std::locale::global``, which sets the C locale of the whole process
+to ``"C"`` and leaves it there (Python's default text encoding then reads ASCII). medseg never
+writes DICOM; code that does should expect that.
 """
 
 from __future__ import annotations
@@ -18,18 +28,20 @@ __all__ = ["read_dicom_series"]
 
 
 def read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    import locale
+    """Read the largest DICOM series in ``folder``.
 
-    # GDCM switches the process's C locale to "C", which silently makes Python's default text
-    # encoding ASCII for the rest of the process: put the locale back afterwards.
-    saved_locale = locale.setlocale(locale.LC_ALL)
-    try:
-        return _read_dicom_series_unguarded(folder)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved_locale)
+    Args:
+        folder: a folder holding the files of one or more series (not searched recursively).
 
+    Returns:
+        The ``(C, x, y, z)`` array, its RAS affine and ``meta`` with ``format``,
+        ``dicom_series_uid``, ``dicom_num_files`` and ``dicom_other_series`` (the other series'
+        UIDs, sorted).
 
-def _read_dicom_series_unguarded(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    Raises:
+        InvalidFileError: the folder holds no DICOM series. GDCM's own errors (corrupt files)
+            propagate as ``RuntimeError``; :func:`medseg.io.read_volume` names the folder in them.
+    """
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()

@@ -40,7 +40,8 @@ def suffix_of(path: str | os.PathLike[str]) -> str:
 
 
 def _fsync(path: Path, *, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    """Flush a file (or a folder entry) to disk; a file is opened for writing (Windows flushes no read-only handle)."""
+    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if directory else os.O_RDWR
     try:
         fd = os.open(path, flags)
     except OSError:

@@ -211,7 +211,10 @@ def write_volume(
     """Write ``volume`` atomically in the format given by ``path``'s suffix.
 
     NIfTI output keeps the source's qform/sform codes when the volume came from a NIfTI file
-    (``meta["nifti_qform_code"]``/``["nifti_sform_code"]``); otherwise both are 1 (scanner).
+    (``meta["nifti_qform_code"]``/``["nifti_sform_code"]``); otherwise both are 1 (scanner). While
+    the volume still has the affine read from that file, the source's qform and sform matrices are
+    written as they were (``meta["nifti_qform"]``/``["nifti_sform"]``, which may differ); once the
+    affine changed, both are the volume's affine.
     Label volumes are written as the smallest integer type holding their values.
 
     Raises:

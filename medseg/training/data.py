@@ -1,74 +1,139 @@
-"""Training data: preprocessed cases held in memory, and batches of augmented patches drawn from them.
+"""Training data: preprocessed cases cached by MONAI, and the epoch's stream of augmented patch batches.
 
-Cases are preprocessed once (:func:`medseg.model.transforms.training_cache_transforms`) by a pool
-of threads and kept in memory within a byte budget; cases beyond it are preprocessed again on each
-use. Every iteration draws ``batch_size`` cases with a numpy generator seeded from
-``(seed, epoch)`` and one foreground-oversampled, augmented patch of each (2D: a random slice
-first), so a run is reproducible on the CPU and resumable exactly.
+* :class:`CaseCache`: the cases preprocessed once (:func:`medseg.model.transforms.training_cache_transforms`)
+  by MONAI's ``CacheDataset`` with ``workers`` threads, within a byte budget (sized from the first
+  case); cases beyond it are preprocessed again on each use -- in the background loader when there
+  is one, not on the training thread.
+* :class:`EpochBatches`: every iteration draws ``batch_size`` cases with a numpy generator seeded
+  from ``(seed, epoch)`` and one foreground-oversampled, augmented patch of each (2D: a random
+  slice first). The stream depends only on ``(seed, epoch)``, so a run is reproducible on the CPU
+  and resumable exactly, whether the batches are made on the training thread or in one background
+  worker process (``loader_workers=1``, MONAI's ``DataLoader``), which then prepares the next
+  batches while the network trains on the current one.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections.abc import Hashable, Iterator
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import Compose, MapTransform
+from torch.utils.data import IterableDataset
 
 from medseg.data.manifest import Case
-from medseg.errors import LabelValueError
+from medseg.errors import LabelValueError, MedsegUserError
 
-__all__ = ["CaseCache", "epoch_seed", "sample_batch"]
+__all__ = ["CaseCache", "EpochBatches", "epoch_batches", "epoch_seed", "sample_batch"]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's case sampling and augmentation: ``SeedSequence([seed, epoch])``."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-class CaseCache:
-    """Preprocessed cases in memory up to a byte budget; the rest are preprocessed on use."""
+class _CacheItemd(MapTransform):
+    """Last step of the cache chain: check label values, keep plain tensors (uint8 labels)."""
 
-    def __init__(
-        self, cases: Sequence[Case], chain: Any, *, label_ids: Sequence[int], budget_bytes: float, workers: int
-    ) -> None:
-        self.cases = list(cases)
-        self.chain = chain
-        self.label_ids = set(int(i) for i in label_ids)
-        self.items: dict[int, dict[str, Any]] = {}
-        used = 0.0
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for index, item in enumerate(pool.map(self._load, range(len(self.cases)))):
-                size = sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
-                if used + size <= budget_bytes:
-                    self.items[index] = item
-                    used += size
-        self.cached_bytes = used
+    def __init__(self, label_ids: Sequence[int]) -> None:
+        super().__init__(("image", "label"), allow_missing_keys=True)
+        self.label_ids = {int(i) for i in label_ids}
 
-    def _load(self, index: int) -> dict[str, Any]:
-        case = self.cases[index]
-        data = self.chain({"image": list(case.images), "label": case.label})
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         label = data["label"]
-        values = set(int(v) for v in torch.unique(label).tolist())
-        unknown = sorted(values - self.label_ids)
+        unknown = sorted({int(v) for v in torch.unique(label).tolist()} - self.label_ids)
         if unknown:
+            where = label.meta.get("filename_or_obj", "label") if hasattr(label, "meta") else "label"
             raise LabelValueError(
-                f"{case.label}: label values {unknown} are not in the manifest's labels {sorted(self.label_ids)}"
+                f"{where}: label values {unknown} are not in the manifest's labels {sorted(self.label_ids)}"
             )
-        item: dict[str, Any] = {"case_id": case.case_id}
+        item: dict[Hashable, Any] = {"case_id": data.get("case_id")}
         for key, value in data.items():
             if isinstance(value, torch.Tensor):
                 value = value.as_tensor() if hasattr(value, "as_tensor") else value
                 item[key] = value.to(torch.uint8) if key == "label" else value
-            elif key.endswith("_indices"):
+            elif isinstance(key, str) and key.endswith("_indices"):
                 item[key] = torch.as_tensor(np.asarray(value))
         return item
+
+
+def _item_bytes(item: Mapping[Hashable, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
+
+
+class CaseCache:
+    """Preprocessed cases (MONAI ``CacheDataset``) in memory up to a byte budget.
+
+    Args:
+        cases: the cases, in order.
+        chain: the deterministic preprocessing ``Compose``.
+        label_ids: the manifest's label ids (any other value in a label map is a LabelValueError).
+        budget_bytes: memory for cached cases; the number cached is ``budget // size of the first``.
+        workers: threads preprocessing cases.
+    """
+
+    def __init__(
+        self, cases: Sequence[Case], chain: Compose, *, label_ids: Sequence[int], budget_bytes: float, workers: int
+    ) -> None:
+        self.cases = list(cases)
+        self.chain = Compose([*chain.transforms, _CacheItemd(label_ids)])
+        data = [{"image": list(c.images), "label": c.label, "case_id": c.case_id} for c in self.cases]
+        self.cached_cases, self.cached_bytes = 0, 0
+        if not data:
+            self.dataset: CacheDataset | None = None
+            return
+        first = _unwrapped(self.chain, dict(data[0]))
+        size = max(_item_bytes(first), 1)
+        self.cached_cases = int(min(len(data), max(0, budget_bytes // size)))
+        # copy_cache=False: batches never modify cached tensors in place (augmentations return new ones)
+        self.dataset = _unwrapped(
+            CacheDataset,
+            data,
+            transform=self.chain,
+            cache_num=self.cached_cases,
+            num_workers=max(1, workers),
+            progress=False,
+            copy_cache=False,
+        )
+        self.cached_bytes = sum(_item_bytes(item) for item in self.dataset._cache[: self.cached_cases])
+        # cases beyond the budget are checked now (label values), not when a batch first needs them
+        for case in self.cases[self.cached_cases :]:
+            _check_label_values(case, self.chain.transforms[-1].label_ids)
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items.get(index)
-        return item if item is not None else self._load(index)
+        if self.dataset is None:
+            raise IndexError(index)
+        return _unwrapped(self.dataset.__getitem__, int(index))
+
+
+def _unwrapped(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``function``; a user error that MONAI's ``Compose`` wrapped in a RuntimeError is re-raised as it was."""
+    try:
+        return function(*args, **kwargs)
+    except RuntimeError as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, MedsegUserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _check_label_values(case: Case, label_ids: set[int]) -> None:
+    from medseg.io.volumes import read_volume
+
+    values = {int(v) for v in np.unique(read_volume(case.label, kind="label").array)}
+    unknown = sorted(values - label_ids)
+    if unknown:
+        raise LabelValueError(
+            f"{case.label}: label values {unknown} are not in the manifest's labels {sorted(label_ids)}"
+        )
 
 
 def _sample_2d(item: Mapping[str, Any], *, slice_axis: int, rng: np.random.Generator, oversample: float) -> dict:
@@ -90,7 +155,7 @@ def _plain(value: Any) -> torch.Tensor:
 
 
 def sample_batch(
-    cache: CaseCache,
+    cache: CaseCache | Sequence[Mapping[str, Any]],
     augment: Any,
     indices: Sequence[int],
     *,
@@ -98,6 +163,7 @@ def sample_batch(
     rng: np.random.Generator,
     oversample: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch ``(images (B, C, *patch), labels (B, 1, *patch))``: an augmented patch of each case."""
     images, labels = [], []
     for index in indices:
         item = cache[int(index)]
@@ -111,3 +177,60 @@ def sample_batch(
         images.append(_plain(out["image"]).float())
         labels.append(_plain(out["label"]).round().long())
     return torch.stack(images), torch.stack(labels)
+
+
+class EpochBatches(IterableDataset):
+    """The batches of one epoch, a stream that depends only on ``(seed, epoch)``.
+
+    Args:
+        cache: the training cases.
+        augment_factory: ``seed -> augmentation Compose`` (seeded per epoch).
+        seed: the epoch's seed (:func:`epoch_seed`).
+        batch_size: cases per batch.
+        iterations: batches in the epoch.
+        cfg: the plans' configuration.
+        oversample: probability of a foreground-centred patch (2D: a slice with foreground).
+    """
+
+    def __init__(
+        self,
+        cache: CaseCache,
+        augment_factory: Any,
+        *,
+        seed: int,
+        batch_size: int,
+        iterations: int,
+        cfg: Mapping[str, Any],
+        oversample: float,
+    ) -> None:
+        super().__init__()
+        self.cache, self.augment_factory = cache, augment_factory
+        self.seed, self.batch_size, self.iterations = seed, batch_size, iterations
+        self.cfg, self.oversample = dict(cfg), oversample
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng(self.seed)
+        augment = self.augment_factory(seed=self.seed % (2**32 - 1))
+        for _ in range(self.iterations):
+            indices = rng.integers(len(self.cache), size=self.batch_size)
+            yield sample_batch(self.cache, augment, indices, cfg=self.cfg, rng=rng, oversample=self.oversample)
+
+
+def epoch_batches(stream: EpochBatches, *, loader_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Iterate an epoch's batches on this thread (``loader_workers=0``) or in one background process.
+
+    One worker (forked, so the cache is shared, not copied) runs the same stream; batches are
+    identical either way. More workers would each need a share of one sequential random stream,
+    so at most one is used.
+    """
+    if loader_workers <= 0:
+        return iter(stream)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=1,
+        prefetch_factor=2,
+        persistent_workers=False,
+        multiprocessing_context="fork" if hasattr(os, "fork") else None,
+    )
+    return iter(loader)

@@ -38,6 +38,7 @@ import io
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -52,7 +53,7 @@ from medseg.model.checkpoint import load_checkpoint, save_checkpoint
 from medseg.model.device import select_device
 from medseg.model.windows import sliding_window_logits
 from medseg.planning.plans import check_plans_match, load_plans, validate_plans
-from medseg.training.data import CaseCache, epoch_seed, sample_batch
+from medseg.training.data import CaseCache, EpochBatches, epoch_batches, epoch_seed
 from medseg.training.options import TrainOptions
 from medseg.training.validation import validate
 
@@ -101,6 +102,17 @@ def _optimizer(network: torch.nn.Module, settings: Mapping[str, Any], lr0: float
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
+def _loader_workers(requested: int | None, *, device: torch.device) -> int:
+    """Background batch workers: as asked, else 1 when a core is free of torch's threads (always on CUDA)."""
+    if requested is not None:
+        return min(int(requested), 1)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    return 1 if device.type == "cuda" or cores > torch.get_num_threads() else 0
+
+
 def _write_history(history: list[dict[str, Any]], path: Path) -> None:
     columns: list[str] = []
     for row in history:
@@ -234,6 +246,7 @@ def train_fold(
         torch.set_num_threads(int(options.num_threads))
     workers = options.workers or default_workers()
     torch_device = select_device(options.device)
+    loader_workers = _loader_workers(options.loader_workers, device=torch_device)
     amp = torch_device.type == "cuda"
     resolved = {
         "manifest": manifest.to_json(),
@@ -252,6 +265,7 @@ def train_fold(
         "max_epochs_this_run": max_epochs_this_run,
         "num_threads": torch.get_num_threads(),
         "workers": workers,
+        "loader_workers": loader_workers,
         "amp": amp,
         "options": options.to_json(),
         "medseg_version": __version__,
@@ -386,9 +400,17 @@ def train_fold(
     while not finished:
         epoch_start = time.monotonic()
         this_seed = epoch_seed(seed, epoch)
-        rng = np.random.default_rng(this_seed)
         torch.manual_seed(this_seed)
-        augment = training_augmentation(plans, config, seed=this_seed % (2**32 - 1))
+        stream = EpochBatches(
+            train_cache,
+            partial(training_augmentation, plans, config),
+            seed=this_seed,
+            batch_size=batch,
+            iterations=per_epoch,
+            cfg=cfg,
+            oversample=oversample,
+        )
+        batches = epoch_batches(stream, loader_workers=loader_workers)
         network.train()
         losses = []
         for _ in range(per_epoch):
@@ -400,14 +422,7 @@ def train_fold(
             lr = lr0 * (1.0 - progress_fraction()) ** poly
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, labels = sample_batch(
-                train_cache,
-                augment,
-                rng.integers(len(train_cache), size=batch),
-                cfg=cfg,
-                rng=rng,
-                oversample=oversample,
-            )
+            images, labels = next(batches)
             images, labels = images.to(torch_device), labels.to(torch_device)
             images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
@@ -485,6 +500,6 @@ def train_fold(
         "best_dice": best_dice,
         "best_epoch": best_epoch,
         "final_dice": last_val,
-        "cached_cases": len(train_cache.items),
+        "cached_cases": train_cache.cached_cases,
         "cache_bytes": train_cache.cached_bytes,
     }

@@ -34,6 +34,8 @@ class TrainOptions:
             ``epochs``); resume later to continue.
         num_threads: torch CPU threads during training (restored afterwards); default unchanged.
         workers: threads preprocessing cases; default the CPUs available (at most 8).
+        loader_workers: background processes making the batches (0 or 1; batches are identical
+            either way). Default: 1 on CUDA, or when a CPU core is left free of torch's threads.
         progress: show a tqdm progress bar.
     """
 
@@ -50,6 +52,7 @@ class TrainOptions:
     max_epochs_this_run: int | None = None
     num_threads: int | None = None
     workers: int | None = None
+    loader_workers: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -67,6 +70,8 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise MedsegUserError(f"{name} must be a positive integer, got {value!r}")
+        if self.loader_workers is not None and self.loader_workers not in (0, 1):
+            raise MedsegUserError(f"loader_workers must be 0 or 1, got {self.loader_workers!r}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise MedsegUserError(f"learning_rate must be > 0, got {self.learning_rate}")
 
