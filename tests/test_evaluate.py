@@ -148,7 +148,10 @@ def test_batch_statuses_errors_and_cache(tmp_path: Path) -> None:
     new_files = {p.name: p.stat().st_mtime_ns for p in (out / ".cache").iterdir()}
     changed = [name for name in cache_files if new_files[name] != cache_files[name]]
     assert len(changed) == 1
-    assert again.per_case.set_index(["case_id", "structure"]).loc[("case0", "a"), "dice"] < 1.0
+    # the new case0 prediction: the 5x5x3 cube of "a" moved by 2 voxels along y (overlap 5x3x3 = 45), no "b"
+    again_rows = again.per_case.set_index(["case_id", "structure"])
+    assert again_rows.loc[("case0", "a"), "dice"] == pytest.approx(2 * 45 / (75 + 75))
+    assert again_rows.loc[("case0", "b"), "status"] == "pred_empty"
 
 
 def test_summarize_worst_case_policy(tmp_path: Path) -> None:
@@ -156,12 +159,17 @@ def test_summarize_worst_case_policy(tmp_path: Path) -> None:
     evaluation = evaluate(ref_dir, pred_dir, labels=LABELS)
     default = summarize(evaluation.per_case)
     worst = summarize(evaluation.per_case, empty="worst")
+    # "a": case0 and case2 identical (Dice 1), case1 moved by 1 voxel along x (Dice 2*60/150 = 0.8),
+    # case3 without a prediction (excluded by default, Dice 0 and HD = image diagonal as the worst case)
     assert default.loc[("a", "dice"), "n_scored"] == 3
+    assert default.loc[("a", "dice"), "mean"] == pytest.approx((1 + 0.8 + 1) / 3)
     assert worst.loc[("a", "dice"), "n_scored"] == 4
-    assert worst.loc[("a", "dice"), "mean"] < default.loc[("a", "dice"), "mean"]
-    diagonal = float(np.linalg.norm([20, 20, 20]))
-    assert worst.loc[("a", "hd_mm"), "q75"] <= diagonal
+    assert worst.loc[("a", "dice"), "mean"] == pytest.approx((1 + 0.8 + 1 + 0) / 4)
+    assert worst.loc[("a", "dice"), "median"] == pytest.approx(0.9)
+    diagonal = float(np.linalg.norm([20 * 1.0, 20 * 1.0, 10 * 2.0]))  # shape (20, 20, 10), spacing (1, 1, 2) mm
+    assert worst.loc[("a", "hd_mm"), "n_scored"] == 4
     assert worst.loc[("a", "hd_mm"), "mean"] == pytest.approx((0 + 1 + 0 + diagonal) / 4)
+    assert worst.loc[("a", "hd_mm"), "q75"] == pytest.approx(np.percentile([0, 1, 0, diagonal], 75))
 
 
 def test_cli_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,7 +216,7 @@ def test_cli_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert os.path.exists(out / "report.html")
 
 
-def test_value_errors_of_one_case_become_error_rows(tmp_path: Path) -> None:
+def test_user_errors_of_one_case_become_error_rows(tmp_path: Path) -> None:
     ref_dir, pred_dir = _write_batch(tmp_path)
     # probabilities on another grid: that case is an error row, the others are scored
     prob_dir = tmp_path / "prob"
@@ -217,7 +225,12 @@ def test_value_errors_of_one_case_become_error_rows(tmp_path: Path) -> None:
     statuses = evaluation.cases.set_index("case_id")["status"].to_dict()
     assert statuses["case0"] == "error" and statuses["case1"] == "ok"
     assert "geometry differs" in evaluation.cases.set_index("case_id").loc["case0", "message"]
-    # connectivity 3 is fine in 3D; 4 is a per-case error with its message, not a crash
-    bad = evaluate(ref_dir, pred_dir, labels=LABELS, things=["a"], connectivity=4)
-    assert set(bad.cases.status) == {"error", "missing_prediction"}
-    assert bad.cases[bad.cases.status == "error"].message.str.contains("connectivity").all()
+    # connectivity 3 is full connectivity in 3D: every case with a prediction is scored
+    full = evaluate(ref_dir, pred_dir, labels=LABELS, things=["a"], connectivity=3)
+    assert full.cases.set_index("case_id")["status"].to_dict() == {
+        "case0": "ok",
+        "case1": "ok",
+        "case2": "ok",
+        "case3": "missing_prediction",
+    }
+    assert full.lesion_summary["tp"].tolist() == [1, 1, 1]  # one cube of "a" per case, IoU 1, 60/90, 1

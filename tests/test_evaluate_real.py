@@ -27,11 +27,16 @@ def test_hippocampus_identity_and_perturbed(shared_data: Path, tmp_path: Path) -
     manifest = load_manifest(MANIFESTS / "msd_hippocampus.json", data_root=shared_data / "msd_hippocampus")
     cases = manifest.cases[:12]
     pred_dir = tmp_path / "pred"
+    expected: dict[str, tuple[float, float]] = {}
     for index, case in enumerate(cases):
         label = read_volume(case.label, kind="label")
         array = label.array[0].copy()
         if index % 2:
-            array[ndimage.binary_dilation(array == 1) & (array == 0)] = 1  # grow the anterior part
+            grown = ndimage.binary_dilation(array == 1) & (array == 0)
+            array[grown] = 1  # grow the anterior part into the background only
+            # the reference's n anterior voxels all stay: Dice = 2n / (n + n + added), volume +added voxels
+            n, added = int(np.count_nonzero(label.array[0] == 1)), int(np.count_nonzero(grown))
+            expected[case.case_id] = (2 * n / (2 * n + added), added * label.voxel_volume_ml)
         write_volume(label.with_array(array), pred_dir / f"{case.case_id}.nii.gz")
     evaluation = evaluate(manifest, pred_dir)
     table = evaluation.per_case.set_index(["case_id", "structure"])
@@ -39,8 +44,11 @@ def test_hippocampus_identity_and_perturbed(shared_data: Path, tmp_path: Path) -
     assert len(evaluation.cases[evaluation.cases.status == "missing_prediction"]) == 208 - 12
     even, odd = cases[0].case_id, cases[1].case_id
     assert table.loc[(even, "Anterior"), "dice"] == 1.0 and table.loc[(even, "Anterior"), "hd95_mm"] == 0.0
-    assert 0.5 < table.loc[(odd, "Anterior"), "dice"] < 1.0
-    assert table.loc[(odd, "Anterior"), "volume_diff_ml"] > 0
+    for case_id, (dice, volume_diff_ml) in expected.items():
+        assert table.loc[(case_id, "Anterior"), "dice"] == pytest.approx(dice)
+        assert table.loc[(case_id, "Anterior"), "volume_diff_ml"] == pytest.approx(volume_diff_ml)
+        assert table.loc[(case_id, "Posterior"), "dice"] == 1.0
+    assert 0.6 < expected[odd][0] < 0.99  # the dilation changed something, but not everything
     assert table.loc[(odd, "Posterior"), "dice"] == 1.0
     # a one-voxel dilation moves a boundary by 1 voxel; a thin part that becomes interior
     # can put the nearest boundary voxel 2 voxels away, never more
@@ -115,6 +123,11 @@ def test_drive_two_observers(shared_data: Path, tmp_path: Path) -> None:
     scored = evaluation.per_case[evaluation.per_case.status == "ok"]
     assert len(scored) == 4
     assert scored["dice"].between(0.74, 0.83).all()  # PROVENANCE: 0.742-0.829
+    for case in test_cases:  # and exactly 2|A & B| / (|A| + |B|) of the two observers' vessel masks
+        a = manifest.read_label(case).array[0] == 255
+        b = manifest.read_label(case, key="label_observer2").array[0] == 255
+        dice = 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+        assert scored.set_index("case_id").loc[case.case_id, "dice"] == pytest.approx(dice)
     inter = evaluation.inter_rater
     # inter-rater agreement covers every test case with two observers, predicted or not
     assert set(inter.rater_b) == {"observer2"} and len(inter) == 20  # 20 cases x 1 structure

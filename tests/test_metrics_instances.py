@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from medseg.metrics.detection import detections_record, pooled_average_precision
 from medseg.metrics.instances import (
     LESION_COLUMNS,
     average_precision,
@@ -283,11 +287,141 @@ def test_match_instances_tables():
     assert overlap.ref_matched_id.tolist() == [4, 2, 0] and overlap.pred_matched_id.tolist() == [2, 1]
 
 
+# --------------------------------------------------------------------------- pooled (dataset-level) AP
+# Case X: two reference lesions, both hit (IoU 1) by predictions scored 0.9 and 0.3: AP 1.
+# Case Y: one reference lesion; a false positive scored 0.8 ranks above the hit scored 0.7: precision 0, 1/2
+#         at recall 0, 1 -> monotone 1/2, 1/2 -> AP 1/2.
+# Case Z: no reference lesion, one false positive scored 0.95: AP NaN (COCO's -1), left out of the mean.
+CASE_X = {"scores": [0.9, 0.3], "pairs": [[0, 0, 1.0], [1, 1, 1.0]], "n_ref": 2}
+CASE_Y = {"scores": [0.8, 0.7], "pairs": [[1, 0, 0.9]], "n_ref": 1}
+CASE_Z = {"scores": [0.95], "pairs": [], "n_ref": 0}
+
+
+def _case_ap(record, iou_threshold=0.5):
+    pairs = np.asarray(record["pairs"], dtype=np.float64).reshape(-1, 3)
+    return average_precision(
+        scores=np.asarray(record["scores"]),
+        pair_pred_index=pairs[:, 0].astype(int),
+        pair_ref_index=pairs[:, 1].astype(int),
+        pair_iou=pairs[:, 2],
+        n_ref=record["n_ref"],
+        iou_threshold=iou_threshold,
+    )
+
+
+def test_pooled_ap_hand_worked_differs_from_the_mean_of_cases():
+    assert _case_ap(CASE_X) == 1.0 and _case_ap(CASE_Y) == 0.5 and math.isnan(_case_ap(CASE_Z))
+    # mean of cases: (1 + 1/2) / 2 = 3/4 (Z excluded).
+    # pooled X+Y, ranked 0.9 TP(X), 0.8 FP(Y), 0.7 TP(Y), 0.3 TP(X), 3 reference lesions:
+    #   precision 1, 1/2, 2/3, 3/4 at recall 1/3, 1/3, 2/3, 1 -> monotone 1, 3/4, 3/4, 3/4;
+    #   recall points 0.00..0.33 (34) read 1, 0.34..1.00 (67) read 3/4 -> (34 + 67 * 3/4) / 101 = 0.8342
+    assert pooled_average_precision([CASE_X, CASE_Y], iou_threshold=0.5) == pytest.approx((34 + 67 * 0.75) / 101)
+    # pooled X+Y+Z: Z's false positive (0.95) now ranks first: TP 0,1,1,2,3 / FP 1,1,2,2,2 -> precision
+    #   0, 1/2, 1/3, 1/2, 3/5 -> monotone 3/5 everywhere -> AP 3/5, while the mean of cases stays 3/4
+    assert pooled_average_precision([CASE_X, CASE_Y, CASE_Z], iou_threshold=0.5) == pytest.approx(0.6)
+    # at IoU 0.75 Y's hit (IoU 0.9) still counts; the order of the cases does not matter
+    assert pooled_average_precision([CASE_Z, CASE_Y, CASE_X], iou_threshold=0.75) == pytest.approx(0.6)
+    # one case pooled alone is its own AP; no reference anywhere is NaN; thresholds below 0.5 are refused
+    assert pooled_average_precision([CASE_Y], iou_threshold=0.5) == 0.5
+    assert math.isnan(pooled_average_precision([CASE_Z], iou_threshold=0.5))
+    with pytest.raises(ValueError, match="iou_threshold"):
+        pooled_average_precision([CASE_X], iou_threshold=0.3)
+
+
+def test_detections_record_keeps_pairs_from_iou_one_half():
+    record = detections_record(
+        scores=np.array([0.5, 0.25]),
+        pair_pred_index=np.array([0, 1, 1]),
+        pair_ref_index=np.array([0, 0, 1]),
+        pair_iou=np.array([0.5, 0.49, 0.8]),
+        n_ref=3,
+    )
+    assert record == {"scores": [0.5, 0.25], "pairs": [[0, 0, 0.5], [1, 1, 0.8]], "n_ref": 3}
+
+
+def _box_instances(shape, boxes):
+    """Instance map of boxes ``(row, column, height, width)``, ids 1.. in order (a later box covers an earlier)."""
+    instances = np.zeros(shape, np.int32)
+    for index, (r, c, h, w) in enumerate(boxes, start=1):
+        instances[r : r + h, c : c + w] = index
+    return instances
+
+
+def _coco_images(rng):
+    """Six random images of boxes (hits moved / resized by 1-2 pixels, misses, small false positives), and one
+    made by hand with IoUs exactly on the thresholds: 16/32 = 0.5 and 12/16 = 0.75."""
+    for _ in range(6):
+        cells = [(4 + 14 * i, 4 + 14 * j) for i in range(3) for j in range(3)]
+        ref_boxes = [(r, c, int(rng.integers(6, 11)), int(rng.integers(6, 11))) for r, c in cells]
+        ref_boxes = [ref_boxes[k] for k in rng.permutation(len(ref_boxes))[: int(rng.integers(0, 6))]]
+        pred_boxes = [
+            (r + int(rng.integers(-1, 2)), c + int(rng.integers(-1, 2)), h + int(rng.integers(-2, 3)), w)
+            for r, c, h, w in ref_boxes
+            if rng.random() < 0.85
+        ]
+        pred_boxes += [(int(rng.integers(0, 44)), int(rng.integers(0, 44)), 3, 3) for _ in range(rng.integers(0, 3))]
+        yield ref_boxes, pred_boxes
+    yield [(2, 2, 4, 4), (30, 30, 4, 4)], [(2, 2, 4, 8), (30, 30, 4, 3)]
+
+
+def test_pooled_ap_matches_pycocotools_segm():
+    """Optional cross-check against COCO's own evaluation (mask IoU, ``iouType="segm"``)."""
+    coco_module = pytest.importorskip("pycocotools.coco")
+    cocoeval = pytest.importorskip("pycocotools.cocoeval")
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(11)
+    shape = (48, 48)
+    records, images, gts, dts, ious = [], [], [], [], []
+    for image_id, (ref_boxes, pred_boxes) in enumerate(_coco_images(rng), start=1):
+        ref, pred = _box_instances(shape, ref_boxes), _box_instances(shape, pred_boxes)
+        match = match_instances(ref, pred)
+        scores = rng.permutation(100)[: len(match.pred_ids)] / 100 + 0.005  # distinct: no ties to order
+        # COCO breaks a tie between two references for one prediction the other way: none here
+        candidates = match.pair_pred[match.pair_iou >= 0.5]
+        assert len(candidates) == len(set(candidates.tolist()))
+        ious += match.pair_iou.tolist()
+        records.append(
+            detections_record(
+                scores=scores,
+                pair_pred_index=np.searchsorted(match.pred_ids, match.pair_pred),
+                pair_ref_index=np.searchsorted(match.ref_ids, match.pair_ref),
+                pair_iou=match.pair_iou,
+                n_ref=len(match.ref_ids),
+            )
+        )
+        images.append({"id": image_id, "height": shape[0], "width": shape[1]})
+        for ref_id in match.ref_ids:
+            rle = mask_utils.encode(np.asfortranarray((ref == ref_id).astype(np.uint8)))
+            box = [float(v) for v in mask_utils.toBbox(rle)]
+            gts.append(
+                {"id": len(gts) + 1, "image_id": image_id, "category_id": 1, "segmentation": rle, "bbox": box}
+                | {"area": float(mask_utils.area(rle)), "iscrowd": 0}
+            )
+        for pred_id, score in zip(match.pred_ids, scores):
+            rle = mask_utils.encode(np.asfortranarray((pred == pred_id).astype(np.uint8)))
+            dts.append({"image_id": image_id, "category_id": 1, "segmentation": rle, "score": float(score)})
+    assert 0.5 in ious and 0.75 in ious  # pycocotools' thresholds are exactly 0.5 and 0.75: IoU >= counts
+    ground_truth = coco_module.COCO()
+    ground_truth.dataset = {"images": images, "annotations": gts, "categories": [{"id": 1, "name": "lesion"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth.createIndex()
+        evaluator = cocoeval.COCOeval(ground_truth, ground_truth.loadRes(dts), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap50, ap75 = evaluator.stats[1], evaluator.stats[2]  # AP at IoU 0.5 / 0.75, all areas, 100 detections
+    assert 0.1 < ap75 < ap50 < 0.99  # a non-trivial example
+    assert pooled_average_precision(records, iou_threshold=0.5) == pytest.approx(ap50, abs=1e-9)
+    assert pooled_average_precision(records, iou_threshold=0.75) == pytest.approx(ap75, abs=1e-9)
+
+
 # --------------------------------------------------------------------------- MONAI PQ cross-check
 def test_pq_counts_match_monai_on_random_instances():
-    torch = pytest.importorskip("torch")
-    pq_module = pytest.importorskip("monai.metrics.panoptic_quality")
+    import torch  # MONAI (and so torch) is a required dependency: this cross-check always runs
+    from monai.metrics import panoptic_quality
+
     rng = np.random.default_rng(7)
+    matched = 0
     for trial in range(5):
         smooth = ndimage.gaussian_filter(rng.random((64, 64)), 2.0)
         ref_mask = smooth > np.quantile(smooth, 0.75)
@@ -301,7 +435,7 @@ def test_pq_counts_match_monai_on_random_instances():
         ref_inst, _ = connected_components(ref_mask)
         pred_inst, _ = connected_components(pred_mask)
         summary, _ = lesion_metrics(ref_inst, pred_inst, spacing_mm=(1, 1), input_kind="instances")
-        tp, fp, fn, iou_sum = pq_module.compute_panoptic_quality(
+        tp, fp, fn, iou_sum = panoptic_quality.compute_panoptic_quality(
             torch.from_numpy(pred_inst), torch.from_numpy(ref_inst), output_confusion_matrix=True
         ).tolist()
         # the default criterion is the same IoU > 0.5 matching as PQ's
@@ -310,13 +444,14 @@ def test_pq_counts_match_monai_on_random_instances():
         assert summary["rq"] == pytest.approx(tp / (tp + 0.5 * fp + 0.5 * fn))
         if tp:
             assert summary["sq"] == pytest.approx(iou_sum / tp, abs=1e-6)
+        matched += tp
+    assert matched > 0  # the comparison covered true positives, not only empty matchings
 
 
 # --------------------------------------------------------------------------- real lesions
 @pytest.mark.shared_data
 @pytest.mark.parametrize("case, n26, n6", [("patient07", 37, 49), ("patient19", 98, 140), ("patient26", 19, 27)])
 def test_ms_lesions_lesjak_counts_and_self_match(case, n26, n6):
-    nib = pytest.importorskip("nibabel")
     folder = SHARED_DATA / "ms_lesions_lesjak" / case
     if not folder.is_dir():
         pytest.skip(f"{folder} not found")

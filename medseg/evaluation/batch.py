@@ -7,8 +7,12 @@ manifest's case id), a missing prediction becomes rows with status ``missing_pre
 that cannot be scored (corrupt file, geometry mismatch, label outside the map) becomes rows with
 status ``error`` and its message, and the rest go on. Only *user* errors (a
 :class:`~medseg.errors.MedsegUserError`: corrupt file, geometry mismatch, label outside the map)
-become ``error`` rows; an unexpected exception is a bug in medseg and propagates. Invalid options
-are refused before any case is read. With ``out`` set, per-case results are cached under
+become ``error`` rows; any other exception (a ``ValueError`` too) is a bug in medseg and
+propagates. The ``error`` rows of a case whose reference could be read carry its ``ref_ml`` and
+``image_diagonal_mm`` (the worst-case distance of :func:`~medseg.evaluation.summary.summarize`);
+with an unreadable reference both stay NaN. Invalid options (``connectivity``, ``match``,
+``workers``, NSD tolerances, thing names) are refused with a :class:`~medseg.errors.MedsegUserError`
+naming the option before any case is read. With ``out`` set, per-case results are cached under
 ``out/.cache`` (:mod:`medseg.evaluation.cache`), so a rerun recomputes only what changed.
 
 Workers are processes started with ``spawn`` (never ``fork``: forking a process that holds torch
@@ -26,7 +30,7 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
@@ -38,7 +42,15 @@ from medseg.core.volume import Volume
 from medseg.data.manifest import Manifest, remap_labels
 from medseg.errors import MedsegUserError
 from medseg.evaluation.cache import case_key, load_cached, store_cached
-from medseg.evaluation.case import EXTRA_COLUMNS, PER_CASE_COLUMNS, EvaluationSettings, empty_rows, evaluate_pair
+from medseg.evaluation.case import (
+    EXTRA_COLUMNS,
+    PER_CASE_COLUMNS,
+    EvaluationSettings,
+    check_options,
+    check_tolerance,
+    empty_rows,
+    evaluate_pair,
+)
 from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
 from medseg.evaluation.raters import inter_rater_rows, per_rater_rows
 from medseg.evaluation.summary import summarize
@@ -61,6 +73,8 @@ class Evaluation:
         inter_rater: each pair of raters (the human baseline).
         confusion: summed confusion matrix over all scored cases (dataset-level mIoU).
         settings: the settings used.
+        detections: per case x thing structure with scores, the detections record of the pooled
+            (COCO dataset-level) AP; see :class:`~medseg.evaluation.case.PairResult`.
     """
 
     per_case: pd.DataFrame
@@ -71,6 +85,7 @@ class Evaluation:
     inter_rater: pd.DataFrame
     confusion: np.ndarray
     settings: EvaluationSettings
+    detections: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def dataset_miou(self) -> float:
@@ -92,7 +107,11 @@ def _read_label(path: str, value_map: Mapping[int, int] | None = None) -> Volume
 
 
 def _run_job(job: CaseJob, settings: EvaluationSettings) -> dict[str, Any]:
-    """Score one case; never raises for user errors (they become ``error`` rows)."""
+    """Score one case (a top-level function: spawned workers unpickle it by name).
+
+    A :class:`~medseg.errors.MedsegUserError` becomes ``error`` rows (with the reference's
+    diagonal when the reference was read); any other exception is a bug and propagates.
+    """
     result: dict[str, Any] = {
         "case_id": job.case_id,
         "reference": job.reference,
@@ -106,8 +125,10 @@ def _run_job(job: CaseJob, settings: EvaluationSettings) -> dict[str, Any]:
         "confusion": None,
         "per_rater": [],
         "inter_rater": [],
+        "detections": [],
     }
     value_maps = {name: dict(pairs) for name, pairs in job.value_maps}
+    reference: Volume | None = None
     try:
         reference = _read_label(job.reference, value_maps.get("rater1"))  # type: ignore[arg-type]
         raters = [("rater1", reference)] + [
@@ -126,13 +147,15 @@ def _run_job(job: CaseJob, settings: EvaluationSettings) -> dict[str, Any]:
         pair = evaluate_pair(reference, prediction, settings=settings, case_id=job.case_id, probabilities=probabilities)
         result["rows"], result["lesions"], result["lesion_summary"] = pair.rows, pair.lesions, pair.lesion_summary
         result["confusion"] = pair.confusion.tolist() if pair.confusion is not None else None
+        result["detections"] = pair.detections
         if len(raters) > 1:
             result["per_rater"] = per_rater_rows(job.case_id, raters, prediction, settings)
-    except (MedsegUserError, ValueError) as error:  # bad input of this case: record it, go on
+    except MedsegUserError as error:  # bad input of this case: record it, go on (anything else is a bug)
         result["status"] = "error"
         result["message"] = str(error)
-        result["rows"] = empty_rows(job.case_id, settings, "error", str(error))
+        result["rows"] = empty_rows(job.case_id, settings, "error", str(error), reference=reference)
         result["lesions"], result["lesion_summary"], result["confusion"] = [], [], None
+        result["per_rater"], result["detections"] = [], []
     return result
 
 
@@ -164,38 +187,41 @@ def evaluate(
         data_root: data root of a reference manifest.
         probabilities: folder of probability maps named like the predictions (AP scores).
         things: structures scored as instances; defaults to the manifest's ``things``.
-        nsd_tolerance_mm: one tolerance, or per structure; defaults to the manifest's (else 1 mm).
-        connectivity: lesion connectivity (1 = faces ... ndim = full, the default).
+        nsd_tolerance_mm: one tolerance (mm, >= 0), or per structure (``"*"``: the others); defaults to
+            the manifest's (else 1 mm).
+        connectivity: lesion connectivity: None (full, the default), 1 (faces), 2 or 3 (<= the image's
+            dimension).
         match: lesion matching, ``"iou"`` (IoU > 0.5) or ``"overlap"`` (any overlap).
         resample_prediction: resample predictions onto the reference grid (nearest neighbour)
             instead of reporting a geometry mismatch.
         subset: only cases of this manifest list (e.g. ``"test_labelled"``).
-        workers: processes scoring cases in parallel.
+        workers: processes scoring cases in parallel (spawned, >= 1).
         out: when given, cache per-case results in ``out/.cache`` (a rerun recomputes only changed
-            cases). Writing the tables is :func:`medseg.report.write_outputs`.
+            cases). Writing the tables is :func:`medseg.evaluation.report.write_outputs`.
         progress: show a progress bar on stderr.
+
+    Raises:
+        MedsegUserError: an invalid option (named), before any case is read; missing folders or
+            no reference files. Per-case user errors become ``error`` rows instead.
     """
+    # options first: an invalid one is refused before any folder is listed or case read
+    check_options(connectivity=connectivity, match=match, workers=workers)
+    tolerances: dict[str, float] | None = None
+    if isinstance(nsd_tolerance_mm, Mapping):
+        tolerances = {str(k): check_tolerance(f"nsd_tolerance_mm[{k!r}]", v) for k, v in nsd_tolerance_mm.items()}
+    elif nsd_tolerance_mm is not None:
+        tolerances = {"*": check_tolerance("nsd_tolerance_mm", nsd_tolerance_mm)}
     jobs, manifest, unpaired = case_jobs(
         reference, prediction, data_root=data_root, probabilities=probabilities, subset=subset
     )
     label_set, label_manifest = resolve_labels(labels, manifest, Path(data_root) if data_root else None)
     source = label_manifest or manifest
-    if nsd_tolerance_mm is None:
+    if tolerances is None:
         tolerances = dict(source.nsd_tolerance_mm) if source else {}
-    elif isinstance(nsd_tolerance_mm, Mapping):
-        tolerances = {str(k): float(v) for k, v in nsd_tolerance_mm.items()}
-    else:
-        tolerances = {"*": float(nsd_tolerance_mm)}
-    thing_names = tuple(things) if things is not None else (source.things if source else ())
-    known = {s.name for s in label_set.structures()}
-    unknown = [t for t in thing_names if t not in known]
-    if unknown:
-        raise MedsegUserError(f"unknown thing structures {unknown} (known: {sorted(known)})")
-    if match not in ("iou", "overlap"):
-        raise MedsegUserError(f"match must be 'iou' or 'overlap', got {match!r}")
-    if workers < 1:
-        raise MedsegUserError(f"workers must be >= 1, got {workers}")
-    settings = EvaluationSettings(
+    if isinstance(things, str):
+        things = [things]
+    thing_names = tuple(things) if things is not None else (tuple(source.things) if source else ())
+    settings = EvaluationSettings(  # refuses unknown things / tolerance names, still before any case is read
         labels=label_set,
         things=thing_names,
         nsd_tolerance_mm=tolerances,
@@ -295,6 +321,7 @@ def _assemble(
         inter_rater=pd.DataFrame([row for r in results for row in r["inter_rater"]]),
         confusion=confusion,
         settings=settings,
+        detections=[record for r in results for record in r.get("detections", [])],
     )
 
 

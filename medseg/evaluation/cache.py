@@ -5,6 +5,11 @@ version may compute a metric differently), every evaluation setting (labels, reg
 tolerances, connectivity, matching, resampling, geometry tolerance), the case id and the path,
 size and modification time of every input file (reference, prediction, probabilities, further
 raters) with the raters' label value maps. A stored result whose key differs is recomputed.
+The settings are :meth:`~medseg.evaluation.case.EvaluationSettings.to_json`, which holds every
+field of the settings, so a new setting is part of the key without a change here.
+
+:data:`CACHE_VERSION` counts the layout of a stored result: 2 added the detections records of
+the pooled AP (a result stored without them would silently leave its case out of the pool).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from medseg.io.files import write_json
 
 __all__ = ["CACHE_VERSION", "file_key", "case_key", "load_cached", "store_cached"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def file_key(path: str | None) -> list[Any]:

@@ -4,8 +4,12 @@
 maps label values to class indices (values outside the label map are an error naming the file),
 makes one confusion-matrix pass for the overlap metrics of every label and region, computes
 bounding-box-cropped surface metrics per structure (:mod:`medseg.metrics.surface`) and matches
-lesions of "thing" structures (:mod:`medseg.metrics.instances`). The metric definitions are in
-DESIGN.md section 6 and in the docstrings of :mod:`medseg.metrics`.
+lesions of "thing" structures (:mod:`medseg.metrics.instances`). With scores (a probability map),
+each thing structure also yields the case's detections record
+(:func:`medseg.metrics.detection.detections_record`) from which a batch computes the pooled,
+dataset-level AP. Every error that the user's input can cause (files, grids, options) is a
+:class:`~medseg.errors.MedsegUserError` naming the file or option; any other exception is a bug.
+The metric definitions are in DESIGN.md section 6 and in the docstrings of :mod:`medseg.metrics`.
 
 Example:
     >>> settings = EvaluationSettings(labels=LabelSet({0: "background", 1: "liver"}))
@@ -15,17 +19,21 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
+from medseg.core.components import connected_components
 from medseg.core.labels import LabelSet, Structure
 from medseg.core.resample import resample_to
 from medseg.core.volume import Volume
 from medseg.data.manifest import DEFAULT_NSD_TOLERANCE_MM
-from medseg.errors import GeometryMismatchError, LabelValueError
-from medseg.metrics.instances import lesion_metrics
+from medseg.errors import GeometryMismatchError, InvalidFileError, LabelValueError, MedsegUserError
+from medseg.metrics.detection import detections_record
+from medseg.metrics.instances import lesion_metrics, match_instances
 from medseg.metrics.overlap import confusion_matrix, overlap_from_counts
 from medseg.metrics.surface import surface_metrics, surface_metrics_multi
 
@@ -37,6 +45,8 @@ __all__ = [
     "PairResult",
     "evaluate_pair",
     "empty_rows",
+    "check_options",
+    "check_tolerance",
 ]
 
 #: the columns of ``per_case.csv``, in order (more columns may follow)
@@ -77,9 +87,60 @@ METRIC_COLUMNS = [
 ]
 
 
+def check_options(*, connectivity: object = None, match: object = "iou", workers: object = 1) -> None:
+    """Refuse an invalid evaluation option before any case is read.
+
+    Args:
+        connectivity: ``None`` (full: 8 in 2D, 26 in 3D), 1, 2 or 3.
+        match: ``"iou"`` or ``"overlap"``.
+        workers: an integer >= 1.
+
+    Raises:
+        MedsegUserError: naming the option, the allowed values and the value given.
+    """
+    if connectivity is not None and (
+        isinstance(connectivity, bool)
+        or not isinstance(connectivity, (int, np.integer))
+        or connectivity not in (1, 2, 3)
+    ):
+        raise MedsegUserError(f"connectivity must be None, 1, 2 or 3 (1 = faces ... 3 = full 3D), got {connectivity!r}")
+    if not isinstance(match, str) or match not in ("iou", "overlap"):
+        raise MedsegUserError(f"match must be 'iou' or 'overlap', got {match!r}")
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise MedsegUserError(f"workers must be an integer >= 1, got {workers!r}")
+
+
+def check_tolerance(name: str, value: object) -> float:
+    """``value`` as a finite tolerance >= 0 (mm); else a :class:`MedsegUserError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise MedsegUserError(f"{name} must be a number of mm >= 0, got {value!r}")
+    if not math.isfinite(float(value)) or float(value) < 0:
+        raise MedsegUserError(f"{name} must be a finite number of mm >= 0, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """Everything besides the files that determines a case's result (saved in summary.json)."""
+    """Everything besides the files that determines a case's result (saved in summary.json).
+
+    Every field is part of :meth:`to_json`, and so of the per-case cache key: a changed setting
+    recomputes every case.
+
+    Attributes:
+        labels: the label map with its regions.
+        things: structures scored as instances (lesion-wise metrics, PQ, AP).
+        nsd_tolerance_mm: NSD tolerance per structure name, ``"*"`` for the others (default 1 mm).
+        connectivity: lesion connectivity, ``None`` (full) or 1..3; above the image's dimension is
+            an error of that case.
+        match: lesion matching, ``"iou"`` (IoU > 0.5) or ``"overlap"``.
+        resample_prediction: resample predictions onto the reference grid (nearest neighbour).
+        tolerance_mm: largest spacing / origin difference (mm) of two grids taken as the same.
+        include_regions: score the label map's regions too.
+
+    Raises:
+        MedsegUserError: an invalid option, named (see :func:`check_options`); a thing or NSD
+            tolerance naming no structure; a negative or non-finite tolerance.
+    """
 
     labels: LabelSet
     things: tuple[str, ...] = ()
@@ -90,14 +151,28 @@ class EvaluationSettings:
     tolerance_mm: float = 1e-3
     include_regions: bool = True
 
+    def __post_init__(self) -> None:
+        check_options(connectivity=self.connectivity, match=self.match)
+        object.__setattr__(self, "things", tuple(self.things))
+        known = {s.name for s in self.labels.structures()}
+        unknown = [t for t in self.things if t not in known]
+        if unknown:
+            raise MedsegUserError(f"things: unknown structures {unknown} (known: {sorted(known)})")
+        for name, value in self.nsd_tolerance_mm.items():
+            if name != "*" and name not in known:
+                raise MedsegUserError(f"nsd_tolerance_mm: unknown structure {name!r} (known: {sorted(known)})")
+            check_tolerance(f"nsd_tolerance_mm[{name!r}]", value)
+        check_tolerance("tolerance_mm", self.tolerance_mm)
+
     def tolerance_for(self, structure: str) -> float:
         """NSD tolerance (mm) of a structure: its own, the ``"*"`` default, or 1 mm."""
         return float(self.nsd_tolerance_mm.get(structure, self.nsd_tolerance_mm.get("*", DEFAULT_NSD_TOLERANCE_MM)))
 
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON."""
+        """Plain JSON of every field; ``nsd_tolerance_mm`` as the tolerance each structure gets."""
         values = asdict(self)
         values["labels"] = self.labels.to_json()
+        values["things"] = list(self.things)
         values["nsd_tolerance_mm"] = {s.name: self.tolerance_for(s.name) for s in self.labels.structures()}
         return values
 
@@ -111,12 +186,16 @@ class PairResult:
         lesions: one dict per reference or predicted lesion of "thing" structures.
         lesion_summary: one dict per thing structure (TP/FP/FN, F1, PQ, AP...).
         confusion: ``(n, n)`` int64 confusion matrix over ``labels.ids`` (rows = reference).
+        detections: one dict per thing structure whose lesions have scores: ``case_id``,
+            ``structure`` and the :func:`~medseg.metrics.detection.detections_record` (``scores``,
+            ``pairs``, ``n_ref``), the input of the pooled AP; not a column of any table.
     """
 
     rows: list[dict[str, Any]]
     lesions: list[dict[str, Any]] = field(default_factory=list)
     lesion_summary: list[dict[str, Any]] = field(default_factory=list)
     confusion: np.ndarray | None = None
+    detections: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _structure_label(structure: Structure) -> str:
@@ -166,11 +245,19 @@ def evaluate_pair(
             score lesions for AP.
 
     Raises:
-        GeometryMismatchError: the grids differ (the message names both files and the field).
+        GeometryMismatchError: the grids differ (the message names both files and the field),
+            also 2D against 3D when resampling.
         LabelValueError: a label map holds values outside the label map.
+        InvalidFileError: the probability map has the wrong number of channels or non-finite values.
+        MedsegUserError: ``settings.connectivity`` exceeds the image's dimension (thing structures only).
     """
     labels = settings.labels
     if settings.resample_prediction and not reference.same_geometry(prediction, tolerance_mm=settings.tolerance_mm):
+        if prediction.spatial_ndim != reference.spatial_ndim:
+            raise GeometryMismatchError(
+                f"{prediction.meta.get('path', 'prediction')} vs {reference.meta.get('path', 'reference')}: "
+                f"cannot resample a {prediction.spatial_ndim}D prediction onto a {reference.spatial_ndim}D reference"
+            )
         prediction = resample_to(prediction, reference)
     differences = reference.geometry_differences(prediction, tolerance_mm=settings.tolerance_mm)
     if differences:
@@ -230,38 +317,66 @@ def evaluate_pair(
 
     lesions: list[dict[str, Any]] = []
     lesion_summary: list[dict[str, Any]] = []
-    for structure in labels.structures(include_regions=settings.include_regions):
-        if structure.name not in settings.things:
-            continue
+    detections: list[dict[str, Any]] = []
+    things = [s for s in labels.structures(include_regions=settings.include_regions) if s.name in settings.things]
+    if things and settings.connectivity is not None and settings.connectivity > reference.spatial_ndim:
+        raise MedsegUserError(
+            f"{reference.meta.get('path', 'reference')}: connectivity {settings.connectivity} needs a 3D image, "
+            f"this one is {reference.spatial_ndim}D (use 1..{reference.spatial_ndim} or None)"
+        )
+    for structure in things:
         members = [index_of[i] for i in structure.label_ids]
-        ref_mask = np.isin(ref_index, members)
-        pred_mask = np.isin(pred_index, members)
+        ref_instances, _ = connected_components(np.isin(ref_index, members), connectivity=settings.connectivity)
+        pred_instances, _ = connected_components(np.isin(pred_index, members), connectivity=settings.connectivity)
         probability_map = None
         if probabilities is not None:
             probability_map = _thing_probability(probabilities, members, num_classes)
         summary, table = lesion_metrics(
-            ref_mask,
-            pred_mask,
+            ref_instances,
+            pred_instances,
             spacing_mm=spacing,
-            connectivity=settings.connectivity,
             criterion=settings.match,
             probabilities=probability_map,
+            input_kind="instances",
         )
         lesion_summary.append({"case_id": case_id, "structure": structure.name, **summary})
         for record in table.to_dict("records"):
             lesions.append({"case_id": case_id, "structure": structure.name, **record})
-    return PairResult(rows=rows, lesions=lesions, lesion_summary=lesion_summary, confusion=confusion)
+        if summary["ap_scored"]:
+            record = _detections(ref_instances, pred_instances, table)
+            detections.append({"case_id": case_id, "structure": structure.name, **record})
+    return PairResult(
+        rows=rows, lesions=lesions, lesion_summary=lesion_summary, confusion=confusion, detections=detections
+    )
+
+
+def _detections(ref_instances: np.ndarray, pred_instances: np.ndarray, table: pd.DataFrame) -> dict[str, object]:
+    """The case's detections record: the scores of the lesion table and every pair's IoU (COCO's input)."""
+    match = match_instances(ref_instances, pred_instances)
+    predicted = table[table["source"] == "prediction"].set_index("lesion_id")["score"]
+    scores = predicted.loc[match.pred_ids].to_numpy(dtype=np.float64)
+    return detections_record(
+        scores=scores,
+        pair_pred_index=np.searchsorted(match.pred_ids, match.pair_pred),
+        pair_ref_index=np.searchsorted(match.ref_ids, match.pair_ref),
+        pair_iou=match.pair_iou,
+        n_ref=len(match.ref_ids),
+    )
 
 
 def _thing_probability(probabilities: Volume, members: Sequence[int], num_classes: int) -> np.ndarray:
+    """Foreground probability of one thing structure: the sum of its classes' channels, or the one channel."""
+    path = probabilities.meta.get("path", "probabilities")
     array = probabilities.array.astype(np.float32, copy=False)
     if array.shape[0] == num_classes:
-        return array[list(members)].sum(axis=0)
-    if array.shape[0] == 1:
-        return array[0]
-    raise ValueError(
-        f"{probabilities.meta.get('path', 'probabilities')}: expected 1 or {num_classes} channels, got {array.shape[0]}"
-    )
+        array = array[list(members)].sum(axis=0)
+    elif array.shape[0] == 1:
+        array = array[0]
+    else:
+        raise InvalidFileError(f"{path}: expected 1 or {num_classes} probability channels, got {array.shape[0]}")
+    if not np.all(np.isfinite(array)):
+        raise InvalidFileError(f"{path}: probabilities contain NaN or infinite values")
+    return array
 
 
 def empty_rows(

@@ -4,7 +4,8 @@
   (thing structures), ``per_rater.csv`` / ``inter_rater.csv`` (several raters), ``summary.json``
   and a self-contained ``report.html`` (plots and overlays embedded), every file atomic.
 * :func:`summary_json`: summaries (:func:`medseg.evaluation.summary.summarize`), mIoU (dataset
-  level and mean of cases), lesion totals, the settings, the definitions and the version.
+  level and mean of cases), lesion totals (with AP both as the mean of per-case APs and pooled
+  over all cases' lesions as COCO reports it), the settings, the definitions and the version.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from medseg.io.files import atomic_path, write_json, write_text
 from medseg.io.volumes import read_volume
 
 __all__ = ["summary_json", "write_outputs", "write_report"]
+
+_AP_MEAN = (
+    "lesions: mean over cases of the per-case COCO AP at IoU >= {threshold} (101-point interpolation; "
+    "each case weighs equally; cases without scores or without reference lesions excluded)"
+)
+_AP_POOLED = (
+    "lesions: COCO's dataset-level AP at IoU >= {threshold}: the scored lesions of all cases ranked together "
+    "by score, each matched only within its own case (each lesion weighs equally; false positives of "
+    "cases without reference lesions count); over the ap_pooled_cases cases with scores"
+)
 
 
 def summary_json(evaluation: Evaluation) -> dict[str, Any]:
@@ -56,7 +67,7 @@ def summary_json(evaluation: Evaluation) -> dict[str, Any]:
             "mean_of_case_miou": float(case_miou.mean()) if len(case_miou) else float("nan"),
             "case_miou_definition": "per case, mean IoU over single-label structures present in the reference or the prediction",
         },
-        "lesions": lesion_totals(evaluation.lesion_summary),
+        "lesions": lesion_totals(evaluation.lesion_summary, evaluation.detections),
         "settings": evaluation.settings.to_json(),
         "units": "mm"
         if spacing_known
@@ -70,7 +81,11 @@ def summary_json(evaluation: Evaluation) -> dict[str, Any]:
             "hd95_mm": "max(P95 d(R->P), P95 d(P->R)) (MONAI's definition)",
             "assd_mm": "mean of d(R->P) ∪ d(P->R)",
             "nsd": "surface Dice at tolerance nsd_tolerance_mm (Nikolov et al.; DeepMind surface-distance)",
-            "status": "ok | both_empty (NaN) | ref_empty (dice 0, distances NaN) | pred_empty (dice 0, distances NaN) | missing_prediction (NaN) | error (NaN, message)",
+            "status": "ok | both_empty (NaN) | ref_empty (dice 0, distances NaN) | pred_empty (dice 0, distances NaN) | missing_prediction (NaN) | error (NaN, message; ref_ml and image_diagonal_mm filled when the reference was readable)",
+            "ap50_mean": _AP_MEAN.format(threshold="0.5"),
+            "ap50_pooled": _AP_POOLED.format(threshold="0.5"),
+            "ap75_mean": _AP_MEAN.format(threshold="0.75"),
+            "ap75_pooled": _AP_POOLED.format(threshold="0.75"),
             "summaries": "NaN excluded; n_scored counts values used; 95% CI = percentile bootstrap of the mean, 2000 resamples, seed 0",
         },
     }
@@ -212,7 +227,13 @@ def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) ->
         f"mean of per-case mIoU: <b>{_fmt(content['miou']['mean_of_case_miou'])}</b></p>",
     ]
     if content["lesions"]:
-        sections.append("<h2>Lesion-wise (instance) metrics</h2>" + _table_html(pd.DataFrame(content["lesions"]).T))
+        sections.append(
+            "<h2>Lesion-wise (instance) metrics</h2><p><b>ap50_mean / ap75_mean</b>: mean of the per-case APs "
+            "(each case weighs equally). <b>ap50_pooled / ap75_pooled</b>: COCO's dataset-level AP, the scored "
+            "lesions of all cases ranked together (each lesion weighs equally; false positives of cases without "
+            "reference lesions count). <b>*_pooled</b> lesion precision / recall / F1 come from the summed "
+            "TP/FP/FN.</p>" + _table_html(pd.DataFrame(content["lesions"]).T)
+        )
     if not evaluation.inter_rater.empty:
         inter = evaluation.inter_rater.groupby(["rater_a", "rater_b", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
         sections.append("<h2>Inter-rater agreement (human baseline)</h2>" + _table_html(inter))

@@ -6,18 +6,26 @@
   ``empty="worst"`` they are scored instead the MetricsReloaded way: Dice/IoU/NSD 0 and
   distances = the image diagonal (mm) for ``ref_empty``, ``pred_empty``, ``missing_prediction``
   and ``error`` rows (``both_empty`` stays excluded: there was nothing to find). A ranking that
-  dropped failed cases would reward a method for failing.
+  dropped failed cases would reward a method for failing. An ``error`` row carries the
+  reference's diagonal when the reference could be read (the error came from the prediction or
+  the probabilities); when even the reference is unreadable its Dice/IoU/NSD are still 0 but its
+  distances stay NaN (no diagonal is known) and are excluded: ``n_scored`` of a distance tells.
 * :func:`lesion_totals`: lesion counts pooled over cases per thing structure (TP/FP/FN, pooled
-  precision/recall/F1, means of the per-case lesion metrics).
+  precision/recall/F1), means of the per-case lesion metrics (``ap50_mean``: each case weighs
+  equally) and, from the cases' detections records, COCO's dataset-level AP (``ap50_pooled``:
+  every scored lesion of every case ranked together, so each lesion weighs equally and the false
+  positives of a case without reference lesions count).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from medseg.metrics.detection import pooled_average_precision
 
 __all__ = ["summarize", "lesion_totals", "nan_to_none", "DEFAULT_SUMMARY_METRICS", "STATUSES"]
 
@@ -113,7 +121,21 @@ def nan_to_none(value: Any) -> Any:
     return value
 
 
-def lesion_totals(lesion_summary: pd.DataFrame) -> dict[str, Any]:
+def lesion_totals(lesion_summary: pd.DataFrame, detections: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Lesion totals per thing structure (see the module docstring).
+
+    Args:
+        lesion_summary: the ``lesion_summary`` table (one row per case x thing structure).
+        detections: the cases' detections records (``case_id``, ``structure``, ``scores``,
+            ``pairs``, ``n_ref``), as :attr:`~medseg.evaluation.batch.Evaluation.detections`.
+
+    Returns:
+        Per structure: ``cases, tp, fp, fn``, ``lesion_{precision,recall,f1}_pooled`` (from the
+        summed counts), ``<metric>_mean`` (mean over cases, NaN excluded) for ``lesion_f1,
+        lesion_dice, pq, sq, rq, ap50, ap75``, and ``ap50_pooled`` / ``ap75_pooled`` (COCO's
+        dataset-level AP over the ``ap_pooled_cases`` cases with scores; NaN without scores or
+        without any reference lesion).
+    """
     totals: dict[str, Any] = {}
     if lesion_summary.empty:
         return totals
@@ -133,5 +155,9 @@ def lesion_totals(lesion_summary: pd.DataFrame) -> dict[str, Any]:
                 values = group[key].to_numpy(dtype=float)
                 values = values[~np.isnan(values)]
                 entry[f"{key}_mean"] = float(values.mean()) if len(values) else float("nan")
+        records = [d for d in detections if d["structure"] == structure]
+        for threshold, key in ((0.5, "ap50_pooled"), (0.75, "ap75_pooled")):
+            entry[key] = pooled_average_precision(records, iou_threshold=threshold) if records else float("nan")
+        entry["ap_pooled_cases"] = len(records)
         totals[str(structure)] = entry
     return totals

@@ -7,7 +7,7 @@ empty cases and source are in its module's docstring (DESIGN.md section 6 is the
 from __future__ import annotations
 
 from medseg.core.components import connected_components
-from medseg.metrics.detection import average_precision, pooled_average_precision
+from medseg.metrics.detection import average_precision, detections_record, pooled_average_precision
 from medseg.metrics.instances import LESION_COLUMNS, InstanceMatch, lesion_metrics, match_instances
 from medseg.metrics.overlap import (
     OVERLAP_KEYS,
@@ -35,6 +35,7 @@ __all__ = [
     "average_precision",
     "confusion_matrix",
     "connected_components",
+    "detections_record",
     "iou_per_class",
     "lesion_metrics",
     "mask_boundary",

@@ -33,8 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
@@ -48,13 +46,15 @@ import torch
 from medseg import __version__
 from medseg.data.manifest import Manifest, load_manifest
 from medseg.errors import ManifestError, MedsegUserError
-from medseg.io.files import write_json, write_text
+from medseg.io.files import write_json
 from medseg.model.checkpoint import load_checkpoint, save_checkpoint
 from medseg.model.device import select_device
 from medseg.model.windows import sliding_window_logits
 from medseg.planning.plans import check_plans_match, load_plans, validate_plans
 from medseg.training.data import CaseCache, EpochBatches, epoch_batches, epoch_seed
 from medseg.training.options import TrainOptions
+from medseg.training.state import loader_workers as choose_loader_workers
+from medseg.training.state import make_optimizer, rng_state, set_rng_state, write_history
 from medseg.training.validation import validate
 
 __all__ = ["train", "train_fold"]
@@ -65,65 +65,12 @@ _GRAD_CLIP = 12.0
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-def _optimizer(network: torch.nn.Module, settings: Mapping[str, Any], lr0: float) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (default, nnU-Net) or AdamW, from the plans' ``training`` section."""
-    name = str(settings.get("optimizer", "sgd")).lower()
-    weight_decay = float(settings.get("weight_decay", 3e-5))
-    if name == "sgd":
-        return torch.optim.SGD(
-            network.parameters(),
-            lr=lr0,
-            momentum=float(settings.get("momentum", 0.99)),
-            nesterov=bool(settings.get("nesterov", True)),
-            weight_decay=weight_decay,
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(network.parameters(), lr=lr0, weight_decay=weight_decay)
-    raise MedsegUserError(f"plans: training.optimizer must be 'sgd' or 'adamw', got {name!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-def _loader_workers(requested: int | None, *, device: torch.device) -> int:
-    """Background batch workers: as asked, else 1 when a core is free of torch's threads (always on CUDA)."""
-    if requested is not None:
-        return min(int(requested), 1)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return 1 if device.type == "cuda" or cores > torch.get_num_threads() else 0
-
-
-def _write_history(history: list[dict[str, Any]], path: Path) -> None:
-    columns: list[str] = []
-    for row in history:
-        columns += [c for c in row if c not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(buffer.getvalue(), path)
-
-
 def train(
     manifest: Manifest | str | os.PathLike[str],
     *,
@@ -246,7 +193,7 @@ def train_fold(
         torch.set_num_threads(int(options.num_threads))
     workers = options.workers or default_workers()
     torch_device = select_device(options.device)
-    loader_workers = _loader_workers(options.loader_workers, device=torch_device)
+    loader_workers = choose_loader_workers(options.loader_workers, device=torch_device)
     amp = torch_device.type == "cuda"
     resolved = {
         "manifest": manifest.to_json(),
@@ -304,7 +251,7 @@ def train_fold(
     memory_format = torch.channels_last_3d if int(cfg["spatial_dims"]) == 3 else torch.channels_last
     # channels-last is faster for oneDNN on the CPU (~15% per iteration here) as well as for AMP on CUDA
     network.to(memory_format=memory_format)
-    optimizer = _optimizer(network, settings, lr0)
+    optimizer = make_optimizer(network, settings, lr0)
     loss_fn = DeepSupervisionLoss(
         DiceCELoss(
             include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
@@ -325,7 +272,7 @@ def train_fold(
         elapsed_before = float(state["elapsed_s"])
         best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
         history = [dict(row) for row in state["history"]]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         saved_seed = state.get("seed")
         if saved_seed is not None and int(saved_seed) != int(seed):
             raise MedsegUserError(
@@ -356,7 +303,7 @@ def train_fold(
             "best_dice": best_dice,
             "best_epoch": best_epoch,
             "history": history,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "seed": seed,
         }
         if amp:
@@ -474,7 +421,7 @@ def train_fold(
         row["elapsed_s"] = round(elapsed(), 3)
         history.append(row)
         save_checkpoint(snapshot(), last_path)
-        _write_history(history, out_dir / "history.csv")
+        write_history(history, out_dir / "history.csv")
         postfix = {"loss": f"{row['train_loss']:.3f}"}
         if last_val:
             postfix["dice"] = f"{last_val['mean']:.3f}"
