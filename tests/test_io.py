@@ -330,20 +330,6 @@ def test_permission_denied_is_an_output_error_naming_the_target(
     assert os.listdir(folder) == []  # neither the target nor a temporary file
 
 
-def test_read_only_folder_for_real(tmp_path: Path) -> None:
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("this user can write to a read-only folder (root): covered by the simulated test")
-        with pytest.raises(OutputError, match=r"read_only/seg\.nii\.gz: cannot write \(Permission denied\)"):
-            write_volume(_label(), folder / "seg.nii.gz")
-        assert os.listdir(folder) == []
-    finally:
-        folder.chmod(0o755)
-
-
 def test_strip_volume_suffix() -> None:
     assert strip_volume_suffix("a/b/case_01.nii.gz") == "case_01"
     assert strip_volume_suffix("x.mha") == "x"

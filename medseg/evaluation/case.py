@@ -72,19 +72,8 @@ PER_CASE_COLUMNS = [
 EXTRA_COLUMNS = ["nsd_tolerance_mm", "image_diagonal_mm", "spacing_known", "message"]
 
 
-METRIC_COLUMNS = [
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "hd_mm",
-    "hd95_mm",
-    "assd_mm",
-    "nsd",
-    "ref_ml",
-    "pred_ml",
-    "volume_diff_ml",
-]
+#: the metric columns of ``per_case.csv`` (NaN in a row without a score)
+METRIC_COLUMNS = PER_CASE_COLUMNS[4:]
 
 
 def check_options(*, connectivity: object = None, match: object = "iou", workers: object = 1) -> None:
