@@ -182,7 +182,7 @@ _SPAWN_SCRIPT = textwrap.dedent(
 
         batch.evaluate_pair = marked
         parallel = evaluate(ref_dir, pred_dir, workers=2, **options)
-        assert not (parallel.per_case["message"] == "forked").any(), "workers were forked, not spawned"
+        assert not (parallel.per_case["message"] == "forked").any(), "workers were forked from this process (they must come from a forkserver or spawn)"
         pd.testing.assert_frame_equal(serial.per_case, parallel.per_case)
         pd.testing.assert_frame_equal(serial.cases, parallel.cases)
         pd.testing.assert_frame_equal(serial.lesion_summary, parallel.lesion_summary)
@@ -197,7 +197,7 @@ _SPAWN_SCRIPT = textwrap.dedent(
 )
 
 
-def test_workers_are_spawned_and_match_one_worker_after_torch(tmp_path: Path) -> None:
+def test_workers_are_not_forked_and_match_one_worker_after_torch(tmp_path: Path) -> None:
     # guards: forked workers of a process holding torch threads can deadlock (a timeout fails the test) and
     # inherit the parent's state. Shown failing with get_context("fork"): the parent's patch reaches the workers.
     ref_dir, pred_dir = _write_batch(tmp_path)

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["as_binary_mask", "connected_components", "keep_largest_component", "remove_small_components"]
 
@@ -54,6 +53,8 @@ def connected_components(mask: np.ndarray, *, connectivity: int | None = None) -
     conn = mask.ndim if connectivity is None else connectivity
     if isinstance(conn, bool) or not isinstance(conn, (int, np.integer)) or not 1 <= conn <= mask.ndim:
         raise ValueError(f"connectivity must be an integer in 1..{mask.ndim} for a {mask.ndim}D mask, got {conn!r}")
+    from scipy import ndimage  # here, not at the top: `import medseg` and the CLI start fast
+
     structure = ndimage.generate_binary_structure(mask.ndim, int(conn))
     instances, n = ndimage.label(mask, structure=structure, output=np.int32)
     return instances, int(n)

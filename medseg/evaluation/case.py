@@ -32,10 +32,6 @@ from medseg.core.resample import resample_to
 from medseg.core.volume import Volume
 from medseg.data.manifest import DEFAULT_NSD_TOLERANCE_MM
 from medseg.errors import GeometryMismatchError, InvalidFileError, LabelValueError, MedsegUserError
-from medseg.metrics.detection import detections_record
-from medseg.metrics.instances import lesion_metrics, match_instances
-from medseg.metrics.overlap import confusion_matrix, overlap_from_counts
-from medseg.metrics.surface import surface_metrics, surface_metrics_multi
 
 __all__ = [
     "PER_CASE_COLUMNS",
@@ -240,6 +236,11 @@ def evaluate_pair(
         InvalidFileError: the probability map has the wrong number of channels or non-finite values.
         MedsegUserError: ``settings.connectivity`` exceeds the image's dimension (thing structures only).
     """
+    # the metrics (scipy) load on first use: a cached rerun and the parent of worker processes skip them
+    from medseg.metrics.instances import lesion_metrics
+    from medseg.metrics.overlap import confusion_matrix, overlap_from_counts
+    from medseg.metrics.surface import surface_metrics, surface_metrics_multi
+
     labels = settings.labels
     if settings.resample_prediction and not reference.same_geometry(prediction, tolerance_mm=settings.tolerance_mm):
         if prediction.spatial_ndim != reference.spatial_ndim:
@@ -341,6 +342,9 @@ def evaluate_pair(
 
 def _detections(ref_instances: np.ndarray, pred_instances: np.ndarray, table: pd.DataFrame) -> dict[str, object]:
     """The case's detections record: the scores of the lesion table and every pair's IoU (COCO's input)."""
+    from medseg.metrics.detection import detections_record
+    from medseg.metrics.instances import match_instances
+
     match = match_instances(ref_instances, pred_instances)
     predicted = table[table["source"] == "prediction"].set_index("lesion_id")["score"]
     scores = predicted.loc[match.pred_ids].to_numpy(dtype=np.float64)
