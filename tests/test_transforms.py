@@ -91,7 +91,21 @@ def test_normalisation_schemes() -> None:
     ]
     out = NormalizeChannelsd(schemes)({"image": image})["image"]
     assert torch.allclose(out[0].flatten(), torch.tensor([-6.0, -2.0, 0.0, 6.0]))
-    assert abs(float(out[1].mean())) < 1e-6 and abs(float(out[1].std()) - 1.0) < 1e-5
+    assert abs(float(out[1].mean())) < 1e-6 and abs(float(out[1].std(unbiased=False)) - 1.0) < 1e-5
+
+
+def test_zscore_equals_monai_normalize_intensity_and_nnunet() -> None:
+    """z-score with the population sd (ddof 0), as nnU-Net's ZScoreNormalization and MONAI's transform."""
+    from monai.transforms import NormalizeIntensity
+
+    image = torch.arange(48, dtype=torch.float32).reshape(2, 2, 3, 4) ** 1.5
+    schemes = [{"channel": "T1", "scheme": "zscore"}, {"channel": "T2", "scheme": "zscore"}]
+    ours = NormalizeChannelsd(schemes)({"image": image})["image"]
+    monai = NormalizeIntensity(channel_wise=True)(image)
+    assert torch.allclose(ours, torch.as_tensor(monai), atol=1e-6)
+    array = image[1].numpy().astype(np.float64)
+    nnunet = (array - array.mean()) / max(array.std(), 1e-8)  # nnU-Net v2 ZScoreNormalization, no mask
+    assert np.allclose(ours[1].numpy(), nnunet, atol=1e-5)
 
 
 def test_training_augmentation_gives_reproducible_patches() -> None:

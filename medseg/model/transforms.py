@@ -125,7 +125,10 @@ class LoadVolumed(MapTransform):
 class NormalizeChannelsd(MapTransform):
     """Per-channel intensity normalisation from the plans' ``normalization`` list.
 
-    ``zscore``: ``(x - mean(x)) / sd(x)`` over the whole (cropped) image, per channel.
+    ``zscore``: ``(x - mean(x)) / sd(x)`` over the whole (cropped) image, per channel, with the
+    population sd (ddof 0), as nnU-Net's ``ZScoreNormalization`` and MONAI's
+    ``NormalizeIntensity(channel_wise=True)`` (which it equals; it is not used itself because the
+    plans mix schemes per channel).
     ``ct``: clip to ``clip`` (dataset foreground percentiles 0.5/99.5), then ``(x - mean) / sd``
     with the dataset's foreground mean and sd.
     """
@@ -150,7 +153,7 @@ class NormalizeChannelsd(MapTransform):
                     x = x.clamp(float(low), float(high))
                     x = (x - float(scheme["mean"])) / max(float(scheme["sd"]), 1e-8)
                 else:
-                    x = (x - x.mean()) / torch.clamp(x.std(), min=1e-8)
+                    x = (x - x.mean()) / torch.clamp(x.std(unbiased=False), min=1e-8)
                 out[channel] = x
             d[key] = out
         return d
