@@ -30,15 +30,11 @@ def check_plans_match(plans: Mapping[str, Any], manifest: Manifest) -> None:
     """Raise :class:`MedsegUserError` when plans were made for a different dataset.
 
     Labels (id -> name) and channels must agree; the dataset name may differ (a manifest and
-    the dataset.json it derives from name the same data differently) and is only reported.
+    the dataset.json it derives from name the same data differently) and is only reported. The
+    plans' own structure is :func:`validate_plans`'s to check.
     """
-    if "dataset" not in plans or "configurations" not in plans:
-        raise MedsegUserError("plans: not a medseg plans file (no 'dataset' / 'configurations')")
-    version = int(plans.get("format_version", 0))
-    if version > PLANS_FORMAT_VERSION:
-        raise MedsegUserError(
-            f"plans: format version {version} is newer than this medseg reads ({PLANS_FORMAT_VERSION})"
-        )
+    if not isinstance(plans.get("dataset"), Mapping):
+        raise MedsegUserError("plans: not a medseg plans file (no 'dataset'); see validate_plans")
     theirs = plans["dataset"]
     ours = dataset_identity(manifest)
     problems = []

@@ -98,7 +98,7 @@ class CaseCache:
             progress=False,
             copy_cache=False,
         )
-        self.cached_bytes = sum(_item_bytes(item) for item in self.dataset._cache[: self.cached_cases])
+        self.cached_bytes = sum(_item_bytes(self.dataset[i]) for i in range(self.cached_cases))  # no copies
         # cases beyond the budget are checked now (label values), not when a batch first needs them
         for case in self.cases[self.cached_cases :]:
             _check_label_values(case, self.chain.transforms[-1].label_ids)

@@ -170,6 +170,7 @@ def train_fold(
         raise MedsegUserError(
             f"{out_dir}: run folder already holds a checkpoint; pass resume=True or use another folder"
         )
+    validate_plans(plans, source=last_path if resume else "plans")  # every key, before any case is read
     check_plans_match(plans, manifest)
     if config not in plans["configurations"]:
         raise MedsegUserError(f"plans have no configuration {config!r} (known: {sorted(plans['configurations'])})")
@@ -178,7 +179,6 @@ def train_fold(
             f"{manifest.name}: label ids {list(manifest.labels.ids)} are not 0..{manifest.labels.num_classes - 1}; "
             "a network needs contiguous ids (map them with 'label_value_map' in the manifest)"
         )
-    validate_plans(plans, source=out_dir / "plans.json" if resume else "plans")  # fails now, not after caching
     cfg = plans["configurations"][config]
     settings = dict(plans.get("training", {}))
     lr0 = float(options.learning_rate if options.learning_rate is not None else settings.get("learning_rate", 0.01))
