@@ -151,6 +151,49 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    eval_a: Path = typer.Argument(
+        ..., help="Evaluation folder of method A (holds per_case.csv from `medseg evaluate`)."
+    ),
+    eval_b: Path = typer.Argument(..., help="Evaluation folder of method B, of the same cases."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output folder (comparison.csv, pairs.csv, comparison.json, report.html)."
+    ),
+    name_a: Optional[str] = typer.Option(None, "--name-a", help="Name of A (default: its folder name)."),
+    name_b: Optional[str] = typer.Option(None, "--name-b", help="Name of B (default: its folder name)."),
+    metrics: Optional[List[str]] = typer.Option(
+        None, "--metric", help="Metric to compare (repeatable; default: dice, hd95_mm, nsd)."
+    ),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=0, help="Bootstrap resamples of the CI (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    alpha: float = typer.Option(0.05, "--alpha", help="1 - CI level; significant: Holm p < alpha."),
+    empty: str = typer.Option(
+        "exclude", "--empty", help="Empty/failed cases: exclude (NaN) or worst (Dice 0, diagonal)."
+    ),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
+) -> None:
+    """Paired comparison B vs A per structure and metric: mean difference [CI], Wilcoxon + Holm, wins/ties/losses."""
+    from medseg.evaluation.compare import DEFAULT_COMPARE_METRICS, default_names
+    from medseg.evaluation.compare import compare as run_comparison
+
+    default_a, default_b = default_names(eval_a, eval_b)
+    comparison = run_comparison(
+        eval_a,
+        eval_b,
+        metrics=metrics or DEFAULT_COMPARE_METRICS,
+        names=(name_a or default_a, name_b or default_b),
+        bootstrap=bootstrap,
+        seed=seed,
+        alpha=alpha,
+        empty=empty,  # type: ignore[arg-type]
+    )
+    written = comparison.write(out, report=not no_report)
+    for line in comparison.summary_lines():
+        typer.echo(line)
+    typer.echo(f"wrote {', '.join(p.name for p in written.values())} to {out}")
+
+
+@app.command()
 def plan(
     manifest: Path = typer.Argument(..., help="Manifest JSON (data_manifests/*.json or a dataset.json)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the manifest's paths are relative to."),

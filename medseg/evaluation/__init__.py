@@ -4,7 +4,8 @@
 (:mod:`~medseg.evaluation.pairing`), scoring one pair with every metric
 (:mod:`~medseg.evaluation.case`), running the cases on worker processes with a per-case cache
 (:mod:`~medseg.evaluation.batch`, :mod:`~medseg.evaluation.cache`), several raters and their
-consensus (:mod:`~medseg.evaluation.raters`), summaries with bootstrap CIs
+consensus (:mod:`~medseg.evaluation.raters`), paired comparison of two methods
+(:mod:`~medseg.evaluation.compare`), summaries with bootstrap CIs
 (:mod:`~medseg.evaluation.summary`) and the written tables, ``summary.json`` and ``report.html``
 (:mod:`~medseg.evaluation.report`). It builds on metrics, data, io and core, never on torch.
 """
@@ -13,15 +14,18 @@ from __future__ import annotations
 
 from medseg.evaluation.batch import Evaluation, evaluate
 from medseg.evaluation.case import PER_CASE_COLUMNS, EvaluationSettings, PairResult, evaluate_pair
+from medseg.evaluation.compare import Comparison, compare
 from medseg.evaluation.raters import majority_vote, staple
 from medseg.evaluation.report import summary_json, write_outputs, write_report
 from medseg.evaluation.summary import summarize
 
 __all__ = [
     "PER_CASE_COLUMNS",
+    "Comparison",
     "Evaluation",
     "EvaluationSettings",
     "PairResult",
+    "compare",
     "evaluate",
     "evaluate_pair",
     "majority_vote",
