@@ -124,3 +124,19 @@ def test_wrong_dimensionality_is_refused():
         sliding_window_logits(
             AsymmetricNet(), torch.zeros(1, 4, 4), plans_config=plans_config((4, 4, 4)), num_classes=2
         )
+
+
+def test_batched_and_one_by_one_flips_agree(monkeypatch):
+    """The flipped copies run as one batch when small, in groups otherwise: the same logits."""
+    import medseg.model.windows as windows
+
+    torch.manual_seed(5)
+    net = AsymmetricNet()
+    image = torch.randn(1, 20, 16, 9)
+    cfg = plans_config((12, 10, 8))
+    together = sliding_window_logits(net, image, plans_config=cfg, num_classes=2, mirror=True, sw_batch_size=2)
+    monkeypatch.setattr(windows, "TTA_BATCH_VOXELS", 1)  # one flip per forward pass
+    one_by_one = sliding_window_logits(net, image, plans_config=cfg, num_classes=2, mirror=True, sw_batch_size=2)
+    monkeypatch.setattr(windows, "TTA_BATCH_VOXELS", 3 * 2 * 12 * 10 * 8)  # groups of three flips
+    grouped = sliding_window_logits(net, image, plans_config=cfg, num_classes=2, mirror=True, sw_batch_size=2)
+    assert torch.allclose(together, one_by_one, atol=1e-5) and torch.allclose(grouped, one_by_one, atol=1e-5)

@@ -8,8 +8,11 @@ scores is what prediction returns (with the same overlap and TTA).
   patch). The network runs on ``device``; the blended result is accumulated on the CPU (on the GPU
   when ``device`` is CUDA).
 * **Mirroring TTA** (``mirror=True``): every window is predicted once per combination of flipped
-  network axes (``2 ** spatial_dims`` passes), and the *logits* of the passes are averaged before
+  network axes (``2 ** spatial_dims`` copies), and the *logits* of the copies are averaged before
   the window is blended, as nnU-Net v2 does. TTA therefore changes the logits, never the blending.
+  The flipped copies go through the network as one batch as long as it holds at most
+  ``TTA_BATCH_VOXELS`` voxels (one MSD Hippocampus case with TTA: 1.3 s instead of 1.6-2.2 s on
+  one CPU thread), otherwise in groups.
 * **2D networks on 3D volumes**: the plans' ``slice_axis`` becomes the batch axis; every slice goes
   through the 2D windows.
 * **Bounded memory**: when the ``(classes, *spatial)`` accumulator would exceed
@@ -32,10 +35,13 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-__all__ = ["sliding_window_logits", "mirror_axes", "MAX_FLOAT32_ACCUMULATOR_BYTES"]
+__all__ = ["sliding_window_logits", "mirror_axes", "MAX_FLOAT32_ACCUMULATOR_BYTES", "TTA_BATCH_VOXELS"]
 
 #: above this size of the logit accumulator, the engine stitches in float16
 MAX_FLOAT32_ACCUMULATOR_BYTES = 1 << 30
+#: mirrored copies of the windows go through the network together up to this many voxels per pass
+#: (two 128^3 windows: large patches keep one flip per pass, a hippocampus window runs all 8 at once)
+TTA_BATCH_VOXELS = 1 << 22
 
 
 def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
@@ -57,14 +63,20 @@ class _MirroredLogits(nn.Module):
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         dtype = windows.dtype
         x = windows.float()
+        batch = x.shape[0]
+        voxels = batch * int(torch.tensor(x.shape[2:]).prod())
+        group = max(1, TTA_BATCH_VOXELS // max(voxels, 1))  # flipped copies per forward pass
         total: torch.Tensor | None = None
-        for axes in self.flips:
-            inputs = torch.flip(x, axes) if axes else x
+        for start in range(0, len(self.flips), group):
+            chunk = self.flips[start : start + group]
+            inputs = torch.cat([torch.flip(x, axes) if axes else x for axes in chunk])
             with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
                 out = self.network(inputs)
             out = out.float()
-            out = torch.flip(out, axes) if axes else out
-            total = out if total is None else total.add_(out)
+            for k, axes in enumerate(chunk):
+                part = out[k * batch : (k + 1) * batch]
+                part = torch.flip(part, axes) if axes else part
+                total = part.clone() if total is None else total.add_(part)
         assert total is not None
         if len(self.flips) > 1:
             total /= len(self.flips)
