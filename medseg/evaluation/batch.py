@@ -241,7 +241,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     Never ``fork``: a forked copy of a process holding torch or OpenMP threads can deadlock (notably
     in notebooks). The forkserver is a fresh process that imports this module once and forks the
     workers from itself, so they start warm (208 hippocampus cases with 2 workers: 3.0 s against
-    3.5-4.0 s with spawn, whose workers each import numpy, pandas and scipy again).
+    3.3-4.0 s with spawn, whose workers each import numpy, pandas and scipy again).
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
