@@ -44,7 +44,7 @@ import pandas as pd
 
 from medseg.errors import MedsegUserError
 from medseg.evaluation.compare_report import comparison_json, summary_lines, write_comparison
-from medseg.evaluation.summary import _worst_case
+from medseg.evaluation.summary import worst_case_table
 
 __all__ = [
     "METRIC_DIRECTIONS",
@@ -292,7 +292,7 @@ def _prepare(table: pd.DataFrame, *, where: str, metrics: Sequence[str], empty: 
             f"{where}: {int(duplicated.sum())} duplicate case x structure rows (e.g. {first.case_id}/{first.structure})"
         )
     if empty == "worst":
-        table = _worst_case(table)
+        table = worst_case_table(table)
     return table[["case_id", "structure", "status", *metrics]].reset_index(drop=True)
 
 

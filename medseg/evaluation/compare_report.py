@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from medseg import __version__
-from medseg.evaluation.report import _figure_png, _table_html
+from medseg.evaluation.report import figure_png, table_html
 from medseg.evaluation.summary import nan_to_none
 from medseg.io.files import atomic_path, write_json, write_text
 
@@ -116,7 +116,7 @@ def _paired_figures(table: pd.DataFrame, pairs: pd.DataFrame, metric: str, names
             bottom.grid(alpha=0.3)
         figure.suptitle(f"{metric}: {names[1]} (B) against {names[0]} (A), paired by case", fontsize=10)
         figure.tight_layout()
-        images.append(_figure_png(figure))
+        images.append(figure_png(figure))
     return images
 
 
@@ -148,7 +148,7 @@ def write_comparison_report(
         "zero_method='wilcox'); p_holm: Holm-corrected across the structures of each metric; wins / ties / "
         "losses: cases where B is better / equal (|d| &le; 1e-9) / worse, by the metric's direction. "
         "volume_diff_ml is compared as its absolute value.</p>"
-        + (_table_html(table.set_index(["structure", "metric"])) if len(table) else "<p>no pairs</p>"),
+        + (table_html(table.set_index(["structure", "metric"])) if len(table) else "<p>no pairs</p>"),
     ]
     structures = content["structures"]
     unpaired = pd.DataFrame(content["unpaired"]["rows"], columns=["case_id", "structure", "only_in", "status"])

@@ -27,7 +27,7 @@ from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, summ
 from medseg.io.files import atomic_path, write_json, write_text
 from medseg.io.volumes import read_volume
 
-__all__ = ["summary_json", "write_outputs", "write_report"]
+__all__ = ["summary_json", "write_outputs", "write_report", "figure_png", "table_html"]
 
 _AP_MEAN = (
     "lesions: mean over cases of the per-case COCO AP at IoU >= {threshold} (101-point interpolation; "
@@ -125,7 +125,8 @@ def write_outputs(evaluation: Evaluation, out: str | Path, *, report: bool = Tru
     return written
 
 
-def _figure_png(figure) -> str:
+def figure_png(figure) -> str:
+    """A matplotlib figure as an embeddable ``data:image/png;base64`` URI (the figure is closed)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -152,7 +153,7 @@ def _box_plots(per_case: pd.DataFrame, metrics: Sequence[str]) -> list[tuple[str
         axis.set_ylabel(metric)
         axis.set_title(f"{metric} per structure (NaN excluded)")
         axis.grid(axis="y", alpha=0.3)
-        plots.append((metric, _figure_png(figure)))
+        plots.append((metric, figure_png(figure)))
     return plots
 
 
@@ -189,10 +190,11 @@ def _overlay(
         axis.contour(prediction.T.astype(float), levels=[0.5], colors=["red"], linewidths=1.0)
     axis.set_title(title, fontsize=9)
     axis.set_axis_off()
-    return _figure_png(figure)
+    return figure_png(figure)
 
 
-def _table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
+def table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
+    """A DataFrame as a compact HTML table (``digits`` decimals, NaN as a dash)."""
     return frame.to_html(
         float_format=lambda v: f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}",
         na_rep="–",
@@ -221,8 +223,8 @@ def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) ->
         "structure has of each kind. CI: 95% percentile bootstrap of the mean. NSD tolerance: "
         + html.escape(", ".join(f"{k} {v:g} mm" for k, v in content["settings"]["nsd_tolerance_mm"].items()))
         + ".</p>"
-        + (_table_html(compact) if not compact.empty else "<p>no rows</p>"),
-        "<h2>Status counts (rows per structure)</h2>" + (_table_html(statuses) if not statuses.empty else ""),
+        + (table_html(compact) if not compact.empty else "<p>no rows</p>"),
+        "<h2>Status counts (rows per structure)</h2>" + (table_html(statuses) if not statuses.empty else ""),
         f"<h2>mIoU</h2><p>dataset-level (summed confusion matrix): <b>{_fmt(content['miou']['dataset_level'])}</b>; "
         f"mean of per-case mIoU: <b>{_fmt(content['miou']['mean_of_case_miou'])}</b></p>",
     ]
@@ -232,14 +234,14 @@ def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) ->
             "(each case weighs equally). <b>ap50_pooled / ap75_pooled</b>: COCO's dataset-level AP, the scored "
             "lesions of all cases ranked together (each lesion weighs equally; false positives of cases without "
             "reference lesions count). <b>*_pooled</b> lesion precision / recall / F1 come from the summed "
-            "TP/FP/FN.</p>" + _table_html(pd.DataFrame(content["lesions"]).T)
+            "TP/FP/FN.</p>" + table_html(pd.DataFrame(content["lesions"]).T)
         )
     if not evaluation.inter_rater.empty:
         inter = evaluation.inter_rater.groupby(["rater_a", "rater_b", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
-        sections.append("<h2>Inter-rater agreement (human baseline)</h2>" + _table_html(inter))
+        sections.append("<h2>Inter-rater agreement (human baseline)</h2>" + table_html(inter))
     if not evaluation.per_rater.empty:
         per_rater = evaluation.per_rater.groupby(["rater", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
-        sections.append("<h2>Prediction against each rater and the consensus</h2>" + _table_html(per_rater))
+        sections.append("<h2>Prediction against each rater and the consensus</h2>" + table_html(per_rater))
     plots = _box_plots(per_case, ["dice", "hd95_mm", "nsd"])
     if plots:
         sections.append(

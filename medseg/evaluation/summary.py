@@ -27,7 +27,7 @@ import pandas as pd
 
 from medseg.metrics.detection import pooled_average_precision
 
-__all__ = ["summarize", "lesion_totals", "nan_to_none", "DEFAULT_SUMMARY_METRICS", "STATUSES"]
+__all__ = ["summarize", "worst_case_table", "lesion_totals", "nan_to_none", "DEFAULT_SUMMARY_METRICS", "STATUSES"]
 
 DEFAULT_SUMMARY_METRICS = ("dice", "iou", "precision", "recall", "hd_mm", "hd95_mm", "assd_mm", "nsd", "volume_diff_ml")
 
@@ -41,7 +41,13 @@ STATUSES = ("ok", "both_empty", "ref_empty", "pred_empty", "missing_prediction",
 _BOOTSTRAP = 2000
 
 
-def _worst_case(per_case: pd.DataFrame) -> pd.DataFrame:
+def worst_case_table(per_case: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``per_case`` with failures scored as the worst case (MetricsReloaded).
+
+    ``ref_empty``, ``pred_empty``, ``missing_prediction`` and ``error`` rows get Dice/IoU/NSD 0 and
+    distances equal to the image diagonal (mm; NaN when the reference could not be read);
+    ``both_empty`` rows stay NaN (there was nothing to find).
+    """
     table = per_case.copy()
     scored_as_failure = table["status"].isin(["ref_empty", "pred_empty", "missing_prediction", "error"])
     for metric in ("dice", "iou", "nsd"):
@@ -82,7 +88,7 @@ def summarize(
     if empty not in ("exclude", "worst"):
         raise ValueError(f"empty must be 'exclude' or 'worst', got {empty!r}")
     if empty == "worst":
-        table = _worst_case(table)
+        table = worst_case_table(table)
     records = []
     for structure, group in table.groupby("structure", sort=False):
         counts = group["status"].value_counts()
