@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_dataset
@@ -70,7 +69,7 @@ def test_hand_edited_plans_name_the_file_and_key(dataset, tmp_path, capsys, edit
     code = main(["train", str(manifest_path), "--plans", str(edited), "--out", str(tmp_path / "run"), "--epochs", "1"])
     assert code == 2
     line = _one_error_line(capsys)
-    assert str(edited) in line and key.split("[")[0] in line or key == "augmentation"
+    assert str(edited) in line and key.split("[")[0].split(".")[0] in line
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()  # refused before any training
 
 
@@ -236,4 +235,4 @@ def test_predict_defaults_to_the_last_checkpoint(dataset, tmp_path):
     record = json.loads((tmp_path / "pred" / "medseg_predict.json").read_text())
     assert result.ok and record["options"]["which"] == "last"
     assert record["model"]["checkpoints"][0]["path"].endswith("checkpoint_last.pt")
-    assert np.isfinite(len(result.predicted))
+    assert len(result.predicted) == len(list((root / "imagesTr").iterdir()))
