@@ -16,8 +16,14 @@ shifted, partly over-segmented, one has a false-positive island far away and the
    remaining count) and the printout says so. ``--monai-structures 0`` runs MONAI on every structure.
 3. Agreement of every value on the structures MONAI ran.
 
+4. With ``--cli``: the whole ``medseg evaluate`` command as a user runs it, in a fresh process each time (imports,
+   reading the two NIfTI files, scoring, the tables, ``summary.json`` and ``report.html``; and once more with
+   ``--no-report``), best wall time of ``--repeats``, against MONAI's Dice + HD95 + NSD functions on the same pair
+   (every structure unless ``--monai-structures`` says otherwise), and their ratio.
+
 Usage::
 
+    python benchmarks/bench_evaluate.py --cli                # 320 x 320 x 200, 16 structures, whole CLI vs MONAI
     python benchmarks/bench_evaluate.py                      # default volume, MONAI on 5 structures
     python benchmarks/bench_evaluate.py --size 256,256,120 --structures 10 --monai-structures 0
     python benchmarks/bench_evaluate.py --skip-monai
@@ -223,6 +229,86 @@ def run_monai(ref: np.ndarray, pred: np.ndarray, label: int) -> tuple[dict[str, 
     return values, elapsed
 
 
+# --------------------------------------------------------------------------- whole CLI
+def run_monai_dice_hd95_nsd(ref: np.ndarray, pred: np.ndarray, label: int) -> float:
+    """Seconds MONAI's ``compute_dice`` + ``compute_hausdorff_distance(percentile=95)`` + ``compute_surface_dice``
+    take on one structure (one-hot boolean channels, as MONAI's per-channel loop sees them)."""
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+    r = torch.from_numpy(ref == label)[None, None]
+    p = torch.from_numpy(pred == label)[None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        compute_dice(p.float(), r.float(), include_background=True)
+        compute_hausdorff_distance(p, r, percentile=95, spacing=list(SPACING), include_background=True)
+        compute_surface_dice(
+            p, r, [NSD_TOLERANCE_MM], spacing=list(SPACING), use_subvoxels=True, include_background=True
+        )
+        return time.perf_counter() - start
+
+
+def cli_benchmark(args: argparse.Namespace, shape: tuple[int, int, int]) -> int:
+    """Time ``medseg evaluate`` as whole processes on one NIfTI pair, and MONAI's three functions on it."""
+    import nibabel as nib
+
+    ref, pred = make_case(shape, args.structures, seed=args.seed)
+    labels = list(range(1, args.structures + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        affine = np.diag([*SPACING, 1.0])
+        for name, array in (("ref", ref), ("pred", pred)):
+            (root / name).mkdir()
+            nib.save(nib.Nifti1Image(array, affine), root / name / "case_0001.nii.gz")
+        names = {"0": "background", **{str(i): f"structure_{i:02d}" for i in labels}}
+        (root / "labels.json").write_text(json.dumps({"name": "bench", "labels": names, "training": []}))
+        medseg = Path(sys.executable).with_name("medseg")
+        command = [str(medseg)] if medseg.exists() else [sys.executable, "-m", "medseg"]
+        command += ["evaluate", "--reference", str(root / "ref"), "--prediction", str(root / "pred")]
+        command += ["--labels", str(root / "labels.json")]
+        timings: dict[str, list[float]] = {"with report.html": [], "--no-report": []}
+        for repeat in range(args.repeats):
+            for variant, extra in (("with report.html", []), ("--no-report", ["--no-report"])):
+                out = root / f"out_{repeat}_{len(extra)}"  # a fresh folder: no cached results
+                start = time.perf_counter()
+                proc = subprocess.run(command + ["--out", str(out), *extra], capture_output=True, text=True)
+                timings[variant].append(time.perf_counter() - start)
+                if proc.returncode != 0:
+                    print(proc.stdout + proc.stderr, file=sys.stderr)
+                    return proc.returncode
+        report_kib = (root / "out_0_0" / "report.html").stat().st_size / 1024
+    sizes_mib = (ref.nbytes + pred.nbytes) / 2**20
+    print(
+        f"pair {shape} uint8 ({sizes_mib:.0f} MiB as arrays), {args.structures} structures; load average "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other processes slow every timing)"
+    )
+    best = {variant: min(values) for variant, values in timings.items()}
+    for variant, values in timings.items():
+        print(
+            f"  medseg evaluate ({variant}), whole process: best {best[variant]:.2f} s of "
+            f"{', '.join(f'{v:.2f}' for v in values)}"
+        )
+    print(
+        f"  report.html: {report_kib:.0f} KiB; the report's share: {best['with report.html'] - best['--no-report']:.2f} s"
+    )
+    if args.skip_monai:
+        return 0
+    picks = labels if args.monai_structures in (0, None) else labels[:: max(1, len(labels) // args.monai_structures)]
+    monai_times = [run_monai_dice_hd95_nsd(ref, pred, label) for label in picks]
+    monai_all = float(np.mean(monai_times)) * len(labels)
+    measured = len(picks) == len(labels)
+    print(
+        f"  MONAI compute_dice + compute_hausdorff_distance(95) + compute_surface_dice on {len(picks)} structures: "
+        f"{sum(monai_times):.1f} s" + ("" if measured else f"; extrapolated to {len(labels)}: {monai_all:.1f} s")
+    )
+    print(
+        f"ratio MONAI's three metric functions / whole medseg process with report: "
+        f"{monai_all / best['with report.html']:.1f}x ({'measured' if measured else 'MONAI extrapolated'})"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -237,15 +323,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3, help="medseg timing repeats (best is reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="time the whole `medseg evaluate` process (default --size 320,320,200 --structures 16) against MONAI",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         medseg_worker(args.worker, args.repeats)
         return 0
 
+    if args.cli:  # the issue's case: a 320 x 320 x 200 pair with 16 structures, unless asked otherwise
+        args.size = "320,320,200" if args.size == parser.get_default("size") else args.size
+        args.structures = 16 if args.structures == parser.get_default("structures") else args.structures
+        args.monai_structures = (
+            0 if args.monai_structures == parser.get_default("monai_structures") else args.monai_structures
+        )
     shape = tuple(int(v) for v in args.size.split(","))
     if len(shape) != 3 or min(shape) < 16:
         parser.error(f"--size must be three integers >= 16, got {args.size!r}")
+    if args.cli:
+        return cli_benchmark(args, shape)  # type: ignore[arg-type]
     start = time.perf_counter()
     ref, pred = make_case(shape, args.structures, seed=args.seed)  # type: ignore[arg-type]
     labels = list(range(1, args.structures + 1))

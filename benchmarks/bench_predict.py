@@ -10,6 +10,12 @@ resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so the numbers 
 * ``ct``: a synthetic CT-like volume (``--ct-shape``, ``--ct-spacing``; body, organs, noise) held in
   memory, predicted with a 3D DynUNet planned for ``--ct-target-spacing`` and ``--ct-patch``
   (nnU-Net's topology rules, 16 base features).
+* ``fast``: the same synthetic CT predicted with the plans ``medseg plan --fast`` makes for it
+  (:mod:`medseg.planning.fast`: 3 mm spacing, the planner's patch and topology at 3 mm, TTA off
+  unless ``--fast-tta``), as TotalSegmentator's ``--fast``.
+* ``--runtime torch onnx`` (default both): every medseg scenario runs once per runtime, PyTorch and
+  the exported network in onnxruntime (:mod:`medseg.model.onnx_export`; the one-off export is timed
+  apart, ``export_s``), and the table ends with the ratios nnU-Net / medseg per runtime.
 * ``nnunet``: nnU-Net v2's ``nnUNetPredictor.predict_single_npy_array`` on the same hippocampus cases
   with a PlainConvUNet of the same stages, features, kernels and strides (random weights), run with
   the Python of a separate environment (``--nnunet-python``, e.g. /tmp/nnunet-venv/bin/python with
@@ -18,7 +24,8 @@ resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so the numbers 
 Example::
 
     python benchmarks/bench_predict.py --data-root ../shared/data/msd_hippocampus --cases 5 \\
-        --nnunet-python /tmp/nnunet-venv/bin/python
+        --nnunet-python /tmp/nnunet-venv/bin/python --threads 2 --runtime torch onnx \\
+        --only hippocampus nnunet fast --memory-shape 512 512 400
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ def _hippocampus_plans(data_root: str) -> tuple[dict, list]:
     return plans, cases
 
 
-def _segmenter(plans: dict, *, tta: bool, overlap: float, model: str | None):
+def _segmenter(plans: dict, *, tta: bool, overlap: float, model: str | None, runtime: str = "torch", threads=None):
+    """The Segmenter of a scenario and the seconds a first-use ONNX export took (0 for torch or a cached export)."""
     import torch
 
     from medseg.core.labels import LabelSet
@@ -56,20 +64,33 @@ def _segmenter(plans: dict, *, tta: bool, overlap: float, model: str | None):
     from medseg.model.networks import build_network
 
     if model:
-        return Segmenter.from_checkpoint(model, device="cpu", tta=tta, overlap=overlap)
+        clock = time.perf_counter()
+        seg = Segmenter.from_checkpoint(model, device="cpu", tta=tta, overlap=overlap, runtime=runtime, threads=threads)
+        return seg, time.perf_counter() - clock if runtime == "onnx" else 0.0
     labels = LabelSet.from_manifest(plans["dataset"]["labels"])
     torch.manual_seed(0)
-    network = build_network(
-        plans["configurations"]["3d"], in_channels=len(plans["normalization"]), out_channels=labels.num_classes
+    cfg = plans["configurations"]["3d"]
+    network = build_network(cfg, in_channels=len(plans["normalization"]), out_channels=labels.num_classes)
+    export_s = 0.0
+    if runtime == "onnx":
+        from medseg.model.onnx_export import OnnxNetwork, export_network
+
+        clock = time.perf_counter()
+        model_bytes, _ = export_network(network, plans_config=cfg, in_channels=len(plans["normalization"]))
+        network, export_s = OnnxNetwork(model_bytes, threads=threads), time.perf_counter() - clock
+    seg = Segmenter(
+        [network], plans=plans, config="3d", labels=labels, device="cpu", tta=tta, overlap=overlap, runtime=runtime
     )
-    return Segmenter([network], plans=plans, config="3d", labels=labels, device="cpu", tta=tta, overlap=overlap)
+    return seg, export_s
 
 
 def child_hippocampus(args: argparse.Namespace) -> dict:
     from medseg.io import read_volume
 
     plans, cases = _hippocampus_plans(args.data_root)
-    seg = _segmenter(plans, tta=args.tta, overlap=args.overlap, model=args.model)
+    seg, export_s = _segmenter(
+        plans, tta=args.tta, overlap=args.overlap, model=args.model, runtime=args.runtime, threads=args.threads
+    )
     seconds = []
     for case in cases[: args.cases]:
         clock = time.perf_counter()
@@ -77,7 +98,11 @@ def child_hippocampus(args: argparse.Namespace) -> dict:
         seconds.append(time.perf_counter() - clock)
     cfg = plans["configurations"]["3d"]
     return {
-        "scenario": f"medseg hippocampus tta={args.tta}",
+        "scenario": f"medseg {args.runtime} hippocampus tta={args.tta}",
+        "kind": "hippocampus",
+        "runtime": args.runtime,
+        "tta": args.tta,
+        "export_s": round(export_s, 2),
         "cases": len(seconds),
         "s_per_case": sum(seconds[1:] or seconds) / len(seconds[1:] or seconds),
         "first_case_s": seconds[0],
@@ -106,13 +131,66 @@ def synthetic_ct(shape, spacing):
 
 def child_ct(args: argparse.Namespace) -> dict:
     from medseg.core.volume import Volume
-    from medseg.planning.rules import _filters, network_topology
+    from medseg.planning.rules import network_topology
 
     array, affine = synthetic_ct(args.ct_shape, args.ct_spacing)
     volume = Volume(array, affine)
     del array
     kernels, strides, patch = network_topology(args.ct_patch, args.ct_target_spacing)
-    plans = {
+    if args.fast:
+        plans = _fast_ct_plans(args.ct_shape, args.ct_spacing)
+        patch = plans["configurations"]["3d"]["patch_size"]
+    else:
+        plans = _ct_plans(args, kernels, strides, patch)
+    seg, export_s = _segmenter(
+        plans, tta=args.tta, overlap=args.overlap, model=None, runtime=args.runtime, threads=args.threads
+    )
+    clock = time.perf_counter()
+    result = seg.predict_full(volume)
+    seconds = time.perf_counter() - clock
+    assert result.labels.spatial_shape == tuple(args.ct_shape)
+    target = plans["configurations"]["3d"]["spacing_mm"]
+    return {
+        "scenario": f"medseg {args.runtime} {'fast ' if args.fast else ''}CT {'x'.join(map(str, args.ct_shape))} @ "
+        f"{args.ct_spacing} mm -> {target} mm, tta={args.tta}, overlap={args.overlap}",
+        "kind": args.kind or ("fast" if args.fast else "ct"),
+        "runtime": args.runtime,
+        "tta": args.tta,
+        "export_s": round(export_s, 2),
+        "cases": 1,
+        "s_per_case": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "timings_s": result.timings_s,
+        "network": f"DynUNet filters {plans['configurations']['3d']['network']['filters']} patch {patch}",
+    }
+
+
+def _fast_ct_plans(shape, spacing) -> dict:
+    """The plans ``medseg plan --fast`` makes for a dataset of this one CT (3 mm, nnU-Net's rules)."""
+    from medseg.planning.fast import fast_fingerprint
+    from medseg.planning.rules import make_plans
+
+    fingerprint = {
+        "dataset": {
+            "name": "synthetic_ct",
+            "labels": {"0": "background", "1": "body", "2": "organ"},
+            "channels": ["CT"],
+        },
+        "spacings_mm": [list(spacing)],
+        "shapes": [list(shape)],
+        "intensity": [
+            {"channel": "CT", "percentile_00_5": -1000.0, "percentile_99_5": 1000.0, "mean": 30.0, "sd": 200.0}
+        ],
+    }
+    plans = make_plans(fast_fingerprint(fingerprint))
+    plans["configurations"]["3d"]["network"]["deep_supervision"] = False
+    return plans
+
+
+def _ct_plans(args: argparse.Namespace, kernels, strides, patch) -> dict:
+    from medseg.planning.rules import _filters
+
+    return {
         "format_version": 1,
         "dataset": {
             "name": "synthetic_ct",
@@ -135,20 +213,6 @@ def child_ct(args: argparse.Namespace) -> dict:
                 },
             }
         },
-    }
-    seg = _segmenter(plans, tta=args.tta, overlap=args.overlap, model=None)
-    clock = time.perf_counter()
-    result = seg.predict_full(volume)
-    seconds = time.perf_counter() - clock
-    assert result.labels.spatial_shape == tuple(args.ct_shape)
-    return {
-        "scenario": f"medseg CT {'x'.join(map(str, args.ct_shape))} @ {args.ct_spacing} mm -> "
-        f"{args.ct_target_spacing} mm, tta={args.tta}, overlap={args.overlap}",
-        "cases": 1,
-        "s_per_case": seconds,
-        "peak_rss_mb": _peak_rss_mb(),
-        "timings_s": result.timings_s,
-        "network": f"DynUNet filters {plans['configurations']['3d']['network']['filters']} patch {patch}",
     }
 
 
@@ -267,6 +331,8 @@ def child_nnunet(args: argparse.Namespace) -> dict:
 
     return {
         "scenario": f"nnU-Net v2 {version('nnunetv2')} hippocampus tta={args.tta}",
+        "kind": "nnunet",
+        "tta": args.tta,
         "cases": len(seconds),
         "s_per_case": sum(seconds[1:] or seconds) / len(seconds[1:] or seconds),
         "first_case_s": seconds[0],
@@ -288,6 +354,31 @@ def _run_child(python: str, argv: list[str], timeout: float) -> dict:
     return {"error": f"exit {done.returncode}: {' | '.join(tail)[:400]}"}
 
 
+def _ratio_lines(results: list[dict]) -> list[str]:
+    """nnU-Net's seconds per hippocampus case over medseg's, per runtime and TTA setting (> 1: medseg faster)."""
+    lines = []
+    for tta in (False, True):
+        nnunet = [r for r in results if r.get("kind") == "nnunet" and r.get("tta") == tta and "s_per_case" in r]
+        if not nnunet:
+            continue
+        for result in results:
+            if result.get("kind") == "hippocampus" and result.get("tta") == tta and "s_per_case" in result:
+                ratio = nnunet[0]["s_per_case"] / result["s_per_case"]
+                lines.append(
+                    f"hippocampus tta={tta}: nnU-Net {nnunet[0]['s_per_case']:.2f} s / medseg {result['runtime']} "
+                    f"{result['s_per_case']:.2f} s = {ratio:.2f}x"
+                )
+    by_key = {(r.get("kind"), r.get("tta"), r.get("runtime")): r for r in results if "s_per_case" in r}
+    for (kind, tta, runtime), result in sorted(by_key.items(), key=str):
+        torch_result = by_key.get((kind, tta, "torch"))
+        if runtime == "onnx" and torch_result is not None:
+            lines.append(
+                f"{kind} tta={tta}: medseg torch {torch_result['s_per_case']:.2f} s / onnx {result['s_per_case']:.2f} s "
+                f"= {torch_result['s_per_case'] / result['s_per_case']:.2f}x"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "msd_hippocampus"))
@@ -299,6 +390,7 @@ def main() -> None:
     parser.add_argument("--ct-target-spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5])
     parser.add_argument("--ct-patch", type=int, nargs=3, default=[128, 128, 128])
     parser.add_argument("--ct-tta", choices=["no", "both"], default="no", help="CT with TTA too (8x the network time)")
+    parser.add_argument("--fast-tta", action="store_true", help="the fast CT scenario with mirroring TTA")
     parser.add_argument(
         "--memory-shape",
         type=int,
@@ -307,24 +399,35 @@ def main() -> None:
         help="also predict a CT of this shape at its own spacing (memory check, e.g. 512 512 400)",
     )
     parser.add_argument("--memory-overlap", type=float, default=0.0)
+    parser.add_argument("--memory-fast", action="store_true", help="the memory check with the fast (3 mm) plans")
     parser.add_argument("--nnunet-python", default=None)
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads in every scenario (default torch's)"
+        "--threads", type=int, default=None, help="torch / onnxruntime CPU threads in every scenario (default theirs)"
+    )
+    parser.add_argument(
+        "--runtime",
+        nargs="+",
+        choices=["torch", "onnx"],
+        default=["torch", "onnx"],
+        help="medseg runtimes to measure (each medseg scenario runs once per runtime)",
     )
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["hippocampus", "ct", "memory", "nnunet"],
-        default=["hippocampus", "ct", "memory", "nnunet"],
+        choices=["hippocampus", "ct", "fast", "memory", "nnunet"],
+        default=["hippocampus", "ct", "fast", "memory", "nnunet"],
         help="scenarios to run",
     )
     parser.add_argument("--child", choices=["hippocampus", "ct", "nnunet"], default=None)
     parser.add_argument("--tta", type=int, default=0)
+    parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--nnunet-spec", default=None)
     args = parser.parse_args()
     if args.child:
         args.tta = bool(args.tta)
+        args.runtime = args.runtime[0]
         if args.threads:
             import torch
 
@@ -340,7 +443,7 @@ def main() -> None:
     print(
         f"bench_predict: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs, "
         f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, CPU only; "
-        f"load average at start {open('/proc/loadavg').read().split()[:3]}"
+        f"runtimes {args.runtime}; load average at start {open('/proc/loadavg').read().split()[:3]}"
     )
     threads = ["--threads", str(args.threads)] if args.threads else []
     common = ["--data-root", args.data_root, "--cases", str(args.cases), "--overlap", str(args.overlap), *threads]
@@ -348,43 +451,64 @@ def main() -> None:
         common += ["--model", args.model]
     results = []
     for tta in (0, 1) if "hippocampus" in args.only else ():
-        results.append(_run_child(sys.executable, ["--child", "hippocampus", "--tta", str(tta), *common], args.timeout))
-    ct = [
-        "--ct-shape",
-        *map(str, args.ct_shape),
-        "--ct-spacing",
-        *map(str, args.ct_spacing),
-        "--ct-target-spacing",
-        *map(str, args.ct_target_spacing),
-        "--ct-patch",
-        *map(str, args.ct_patch),
-        *threads,
-    ]
-    for tta in ((0, 1) if args.ct_tta == "both" else (0,)) if "ct" in args.only else ():
-        results.append(
-            _run_child(
-                sys.executable, ["--child", "ct", "--tta", str(tta), "--overlap", str(args.overlap), *ct], args.timeout
+        for runtime in args.runtime:
+            results.append(
+                _run_child(
+                    sys.executable,
+                    ["--child", "hippocampus", "--tta", str(tta), "--runtime", runtime, *common],
+                    args.timeout,
+                )
             )
-        )
-    if args.memory_shape and "memory" in args.only:
-        memory = [
+
+    def ct_args(shape, spacing, target) -> list[str]:
+        return [
             "--ct-shape",
-            *map(str, args.memory_shape),
+            *map(str, shape),
             "--ct-spacing",
-            *map(str, args.ct_spacing),
+            *map(str, spacing),
             "--ct-target-spacing",
-            *map(str, args.ct_spacing),
+            *map(str, target),
             "--ct-patch",
             *map(str, args.ct_patch),
             *threads,
         ]
-        results.append(
-            _run_child(
-                sys.executable,
-                ["--child", "ct", "--tta", "0", "--overlap", str(args.memory_overlap), *memory],
-                args.timeout,
+
+    ct = ct_args(args.ct_shape, args.ct_spacing, args.ct_target_spacing)
+    for tta in ((0, 1) if args.ct_tta == "both" else (0,)) if "ct" in args.only else ():
+        for runtime in args.runtime:
+            results.append(
+                _run_child(
+                    sys.executable,
+                    ["--child", "ct", "--tta", str(tta), "--overlap", str(args.overlap), "--runtime", runtime, *ct],
+                    args.timeout,
+                )
             )
-        )
+    for runtime in args.runtime if "fast" in args.only else ():
+        fast = ["--child", "ct", "--fast", "--tta", str(int(args.fast_tta)), "--overlap", str(args.overlap)]
+        results.append(_run_child(sys.executable, [*fast, "--runtime", runtime, *ct], args.timeout))
+    if args.memory_shape and "memory" in args.only:
+        memory = ct_args(args.memory_shape, args.ct_spacing, args.ct_spacing)
+        for runtime in args.runtime:
+            results.append(
+                _run_child(
+                    sys.executable,
+                    [
+                        "--child",
+                        "ct",
+                        "--kind",
+                        "memory",
+                        *(["--fast"] if args.memory_fast else []),
+                        "--tta",
+                        "0",
+                        "--overlap",
+                        str(args.memory_overlap),
+                        "--runtime",
+                        runtime,
+                        *memory,
+                    ],
+                    args.timeout,
+                )
+            )
     if "nnunet" not in args.only:
         pass
     elif args.nnunet_python:
@@ -417,16 +541,20 @@ def main() -> None:
                 "error": "not run: pass --nnunet-python PATH of an environment with nnunetv2 installed",
             }
         )
-    print(f"{'scenario':<78} {'s/case':>8} {'peak RSS MB':>12}  network")
+    print(f"{'scenario':<90} {'s/case':>8} {'peak RSS MB':>12}  network")
     for result in results:
         if "error" in result:
-            print(f"{result.get('scenario', '?'):<78} {'-':>8} {'-':>12}  {result['error']}")
+            print(f"{result.get('scenario', '?'):<90} {'-':>8} {'-':>12}  {result['error']}")
             continue
         print(
-            f"{result['scenario']:<78} {result['s_per_case']:>8.2f} {result['peak_rss_mb']:>12.0f}  {result['network']}"
+            f"{result['scenario']:<90} {result['s_per_case']:>8.2f} {result['peak_rss_mb']:>12.0f}  {result['network']}"
         )
         if "timings_s" in result:
-            print(f"{'':<78} stages: {result['timings_s']}")
+            print(f"{'':<90} stages: {result['timings_s']}")
+        if result.get("export_s"):
+            print(f"{'':<90} one-off ONNX export + check: {result['export_s']:.1f} s (not in s/case)")
+    for line in _ratio_lines(results):
+        print(f"ratio  {line}")
     print(
         "s/case: mean over cases after the first (warm-up) when there are several; reading from disk included for"
         " hippocampus, the synthetic CT is held in memory. Weights are random unless --model is given."

@@ -40,14 +40,22 @@ _LAZY: dict[str, str] = {
     "resample_to": "medseg.core.resample",
     "majority_vote": "medseg.evaluation.raters",
     "staple": "medseg.evaluation.raters",
+    "staple_probability": "medseg.evaluation.raters",
+    "matched_lesion_volumes": "medseg.evaluation.agreement",
+    "bland_altman": "medseg.evaluation.agreement",
     "Segmenter": "medseg.inference.segmenter",
     "predict_batch": "medseg.inference.batch",
+    "export_model": "medseg.inference.export",
+    "export_onnx": "medseg.inference.export",
     "run_demo": "medseg.apps.demo",
+    "make_synthetic_dataset": "medseg.apps.demo",
     "determine_postprocessing": "medseg.inference.postprocess",
     "plan_dataset": "medseg.planning.plans",
     "load_plans": "medseg.planning.plans",
     "train": "medseg.training.loop",
     "TrainOptions": "medseg.training.options",
+    "prompt_segment": "medseg.refine.segment",
+    "load_sam": "medseg.refine.loading",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -149,13 +149,18 @@ def test_hippocampus_plans_match_nnunet() -> None:
     assert plans["normalization"][0]["scheme"] == "zscore"
 
 
-def test_2d_datasets_are_refused_clearly() -> None:
+def test_2d_datasets_get_a_2d_configuration_only() -> None:
     from medseg.errors import MedsegUserError
 
     fingerprint = _fingerprint([[1, 1, 1]] * 2, [[32, 32, 32]] * 2)
     fingerprint["spacings_mm"] = [[1.0, 1.0]] * 2
     fingerprint["shapes"] = [[565, 584]] * 2
-    with pytest.raises(MedsegUserError, match="3D volumes only"):
+    plans = make_plans(fingerprint)
+    assert list(plans["configurations"]) == ["2d"]
+    cfg = plans["configurations"]["2d"]
+    assert cfg["slice_axis"] == 2 and cfg["spacing_mm"] == [1.0, 1.0, 1.0] and len(cfg["patch_size"]) == 2
+    fingerprint["shapes"] = [[5, 6, 7, 8]] * 2
+    with pytest.raises(MedsegUserError, match="2D images and 3D volumes"):
         make_plans(fingerprint)
 
 

@@ -10,8 +10,10 @@ __all__ = ["environment_report", "OPTIONAL_EXTRAS"]
 
 #: extra name -> (import name, what it enables)
 OPTIONAL_EXTRAS: dict[str, tuple[str, str]] = {
-    "sam": ("segment_anything", "SAM-prompted refinement (planned: medseg.refine is not implemented yet)"),
-    "dask": ("dask", "out-of-core evaluation (planned; not used yet)"),
+    "sam": ("transformers", "medseg segment / train-sam / refine: SAM, SAM-HQ, SAM2, SAM3 from local checkpoints"),
+    "dask": ("distributed", "--scheduler / --dask-local: predict and evaluate over a Dask cluster"),
+    "onnx": ("onnxruntime", "medseg export --onnx, medseg predict --runtime onnx"),
+    "dicom": ("highdicom", "DICOM-SEG out (--output-format dicom-seg) and in (evaluate --reference)"),
 }
 
 

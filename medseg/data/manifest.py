@@ -31,9 +31,9 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from medseg.core.labels import LabelSet, as_label_array
 from medseg.core.volume import Volume
@@ -100,6 +100,31 @@ class Manifest:
             if case.case_id == case_id:
                 return case
         raise ManifestError(f"{self.name}: no case {case_id!r}")
+
+    def select(self, case_ids: Iterable[str]) -> Manifest:
+        """The same manifest restricted to ``case_ids`` (kept in manifest order).
+
+        Use it to evaluate, or train on, part of a dataset: ``ms.evaluate(manifest.select(ids), "pred/")``
+        scores only those cases instead of reporting every other one as ``missing_prediction``. Each
+        fold keeps its validation cases that were selected, so ``select(...).fold(k)`` is fold ``k``
+        of the full manifest restricted to the selection.
+
+        Raises:
+            ManifestError: an id that is not a case of this manifest (named), or no id at all.
+        """
+        wanted = [case_ids] if isinstance(case_ids, str) else list(case_ids)
+        known = set(self.case_ids)
+        unknown = [case_id for case_id in wanted if case_id not in known]
+        if unknown:
+            raise ManifestError(f"{self.name}: no case {unknown[0]!r} to select ({len(unknown)} unknown ids)")
+        if not wanted:
+            raise ManifestError(f"{self.name}: select() needs at least one case id")
+        chosen = set(wanted)
+        return replace(
+            self,
+            cases=tuple(c for c in self.cases if c.case_id in chosen),
+            folds=tuple(tuple(i for i in fold if i in chosen) for fold in self.folds),
+        )
 
     def nsd_tolerance_for(self, structure: str) -> float:
         """NSD tolerance in mm for a structure name (manifest value or the 1 mm default)."""

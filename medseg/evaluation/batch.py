@@ -15,6 +15,10 @@ with an unreadable reference both stay NaN. Invalid options (``connectivity``, `
 naming the option before any case is read. With ``out`` set, per-case results are cached under
 ``out/.cache`` (:mod:`medseg.evaluation.cache`), so a rerun recomputes only what changed.
 
+With ``scheduler`` (a running ``dask scheduler``) or ``dask_local`` (a local cluster of N processes) the
+cases are scored on a Dask cluster instead (:mod:`medseg.evaluation.dask_runner`): the workers read the files
+themselves and send back rows, the driver caches each case as it arrives, results are the same.
+
 Workers are started by a forkserver (``spawn`` where there is none), never ``fork``: forking a process that holds torch
 or OpenMP threads can deadlock, notably in notebooks. The metric definitions are in DESIGN.md section 6 and in the
 docstrings of :mod:`medseg.metrics`.
@@ -51,6 +55,7 @@ from medseg.evaluation.case import (
     empty_rows,
     evaluate_pair,
 )
+from medseg.evaluation.dask_runner import check_dask_options, dask_client, require_distributed, run_cases
 from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
 from medseg.evaluation.raters import inter_rater_rows, per_rater_rows
 from medseg.evaluation.summary import summarize
@@ -75,6 +80,7 @@ class Evaluation:
         settings: the settings used.
         detections: per case x thing structure with scores, the detections record of the pooled
             (COCO dataset-level) AP; see :class:`~medseg.evaluation.case.PairResult`.
+        cases_per_worker: cases scored by each Dask worker in this call (empty without Dask).
     """
 
     per_case: pd.DataFrame
@@ -86,6 +92,7 @@ class Evaluation:
     confusion: np.ndarray
     settings: EvaluationSettings
     detections: list[dict[str, Any]] = field(default_factory=list)
+    cases_per_worker: dict[str, int] = field(default_factory=dict)
 
     @property
     def dataset_miou(self) -> float:
@@ -175,6 +182,9 @@ def evaluate(
     workers: int = 1,
     out: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    scheduler: str | None = None,
+    dask_local: int | None = None,
+    dask_threads: int = 1,
 ) -> Evaluation:
     """Evaluate a folder of predictions against references; see the module docstring.
 
@@ -198,7 +208,11 @@ def evaluate(
         workers: processes scoring cases in parallel (forkserver or spawn, never fork; >= 1).
         out: when given, cache per-case results in ``out/.cache`` (a rerun recomputes only changed
             cases). Writing the tables is :func:`medseg.evaluation.report.write_outputs`.
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr (with Dask: the cases done per worker).
+        scheduler: score the cases on the Dask cluster of this running scheduler (``tcp://host:8786``;
+            the paths must be valid on its workers); see :mod:`medseg.evaluation.dask_runner`.
+        dask_local: score them on a local Dask cluster of this many worker processes instead.
+        dask_threads: threads of each local Dask worker.
 
     Raises:
         MedsegUserError: an invalid option (named), before any case is read; missing folders or
@@ -206,6 +220,8 @@ def evaluate(
     """
     # options first: an invalid one is refused before any folder is listed or case read
     check_options(connectivity=connectivity, match=match, workers=workers)
+    if check_dask_options(scheduler=scheduler, local_workers=dask_local, threads_per_worker=dask_threads):
+        require_distributed()
     tolerances: dict[str, float] | None = None
     if isinstance(nsd_tolerance_mm, Mapping):
         tolerances = {str(k): check_tolerance(f"nsd_tolerance_mm[{k!r}]", v) for k, v in nsd_tolerance_mm.items()}
@@ -229,10 +245,20 @@ def evaluate(
         match=match,
         resample_prediction=resample_prediction,
     )
+    dask = {"scheduler": scheduler, "local_workers": dask_local, "threads_per_worker": dask_threads}
+    per_worker: dict[str, int] = {}
     results = _run_jobs(
-        jobs, settings, workers=workers, cache_dir=Path(out) / ".cache" if out else None, progress=progress
+        jobs,
+        settings,
+        workers=workers,
+        cache_dir=Path(out) / ".cache" if out else None,
+        progress=progress,
+        dask=dask if scheduler is not None or dask_local is not None else None,
+        per_worker=per_worker,
     )
-    return _assemble(results, settings, jobs, unpaired)
+    evaluation = _assemble(results, settings, jobs, unpaired)
+    evaluation.cases_per_worker = per_worker
+    return evaluation
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -251,7 +277,14 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _run_jobs(
-    jobs: list[CaseJob], settings: EvaluationSettings, *, workers: int, cache_dir: Path | None, progress: bool
+    jobs: list[CaseJob],
+    settings: EvaluationSettings,
+    *,
+    workers: int,
+    cache_dir: Path | None,
+    progress: bool,
+    dask: dict[str, Any] | None = None,
+    per_worker: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     settings_json = json.dumps(settings.to_json(), sort_keys=True, default=str)
     results: dict[str, dict[str, Any]] = {}
@@ -264,7 +297,7 @@ def _run_jobs(
         else:
             todo.append((job, key))
     bar = None
-    if progress and todo:
+    if progress and todo and dask is None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="evaluating", unit="case", leave=False)
@@ -276,7 +309,19 @@ def _run_jobs(
         if bar is not None:
             bar.update(1)
 
-    if workers == 1 or len(todo) <= 1:
+    if dask is not None and todo:  # the cluster's workers read the files and send back rows
+        with dask_client(**dask) as client:
+            counts = run_cases(
+                client,
+                _run_job,
+                [(job, settings) for job, _ in todo],
+                on_result=lambda i, result: finish(*todo[i], result),
+                progress=progress,
+                description="evaluating",
+            )
+        if per_worker is not None:
+            per_worker.update(counts)
+    elif workers == 1 or len(todo) <= 1:
         for job, key in todo:
             finish(job, key, _run_job(job, settings))
     else:

@@ -71,17 +71,16 @@ _PER_FIGURE = 6
 
 def _paired_figures(table: pd.DataFrame, pairs: pd.DataFrame, metric: str, names: tuple[str, str]) -> list[str]:
     """PNG data URLs: slope plots (top) and difference plots (bottom) of ``metric``, six structures a figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a pyplot-free Figure: no backend switch, so a notebook's own plots keep showing after a report
+    from matplotlib.figure import Figure
 
     rows = table[table["metric"] == metric]
     structures = [s for s in rows["structure"] if ((pairs["structure"] == s) & (pairs["metric"] == metric)).any()]
     images = []
     for start in range(0, len(structures), _PER_FIGURE):
         chunk = structures[start : start + _PER_FIGURE]
-        figure, axes = plt.subplots(2, len(chunk), figsize=(3.1 * len(chunk) + 0.4, 5.8), squeeze=False)
+        figure = Figure(figsize=(3.1 * len(chunk) + 0.4, 5.8))
+        axes = figure.subplots(2, len(chunk), squeeze=False)
         for column, structure in enumerate(chunk):
             stats = rows[rows["structure"] == structure].iloc[0]
             used = pairs[(pairs["structure"] == structure) & (pairs["metric"] == metric)]

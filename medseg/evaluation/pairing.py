@@ -1,8 +1,8 @@
 """Pairing references with predictions: which files belong to which case, and which label map applies.
 
 References come from a folder of label files or a manifest (whose cases may name further raters);
-predictions from a folder of files named ``<case_id>.<ext>``. A case is identified by its file
-name without the format suffix (or the manifest's case id). A reference without a prediction
+predictions from a folder of files named ``<case_id>.<ext>`` (``<case_id>.dcm``: a DICOM-SEG). A case
+is identified by its file name without the format suffix (or the manifest's case id). A reference without a prediction
 becomes a ``missing_prediction`` case; a prediction without a reference is reported as unpaired.
 """
 
@@ -16,7 +16,7 @@ from medseg.core.labels import LabelSet
 from medseg.data.manifest import Manifest, load_manifest, manifest_from_dict
 from medseg.errors import ManifestError, MedsegUserError
 from medseg.io.files import read_json
-from medseg.io.volumes import VOLUME_SUFFIXES, strip_volume_suffix, volume_suffix
+from medseg.io.volumes import DICOM_SEG_SUFFIX, VOLUME_SUFFIXES, strip_volume_suffix, volume_suffix
 
 __all__ = ["CaseJob", "case_jobs", "find_volumes", "resolve_labels"]
 
@@ -39,7 +39,7 @@ def find_volumes(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if volume_suffix(path) in VOLUME_SUFFIXES:
+        if volume_suffix(path) in VOLUME_SUFFIXES or (path.is_file() and path.name.lower().endswith(DICOM_SEG_SUFFIX)):
             case_id = strip_volume_suffix(path)
             if case_id in found:
                 raise MedsegUserError(f"{folder}: two files for case {case_id!r}: {found[case_id].name}, {path.name}")

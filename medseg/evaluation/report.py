@@ -20,9 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from medseg import __version__
 from medseg.evaluation.batch import Evaluation
+from medseg.evaluation.figures import box_plot_svg, overlay_png
 from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, summarize
 from medseg.io.files import atomic_path, write_json, write_text
 from medseg.io.volumes import read_volume
@@ -40,9 +42,13 @@ _AP_POOLED = (
 )
 
 
-def summary_json(evaluation: Evaluation) -> dict[str, Any]:
-    """The content of ``summary.json``: summaries, mIoU, lesion totals, definitions, version."""
-    summary = summarize(evaluation.per_case)
+def summary_json(evaluation: Evaluation, *, summary: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The content of ``summary.json``: summaries, mIoU, lesion totals, definitions, version.
+
+    ``summary`` is ``summarize(evaluation.per_case)`` when the caller already has it (its bootstrap is
+    the costly part).
+    """
+    summary = summarize(evaluation.per_case) if summary is None else summary
     structures: dict[str, Any] = {}
     for (structure, metric), row in summary.iterrows():
         entry = structures.setdefault(str(structure), {"status_counts": {s: int(row[f"n_{s}"]) for s in STATUSES}})
@@ -118,10 +124,11 @@ def write_outputs(evaluation: Evaluation, out: str | Path, *, report: bool = Tru
         if name in ("per_case", "cases") or not frame.empty:
             _write_csv(frame, out / f"{name}.csv")
             written[name] = out / f"{name}.csv"
-    write_json(summary_json(evaluation), out / "summary.json")
+    summary = summarize(evaluation.per_case)  # once, for summary.json and the report
+    write_json(summary_json(evaluation, summary=summary), out / "summary.json")
     written["summary"] = out / "summary.json"
     if report:
-        written["report"] = write_report(evaluation, out / "report.html")
+        written["report"] = write_report(evaluation, out / "report.html", summary=summary)
     return written
 
 
@@ -136,61 +143,34 @@ def figure_png(figure) -> str:
 
 
 def _box_plots(per_case: pd.DataFrame, metrics: Sequence[str]) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``(metric, SVG data URI)`` of each metric with values (see :func:`~medseg.evaluation.figures.box_plot_svg`)."""
     plots = []
     structures = list(dict.fromkeys(per_case["structure"]))
     for metric in metrics:
-        data = [per_case.loc[per_case["structure"] == s, metric].dropna().to_numpy() for s in structures]
-        if not any(len(d) for d in data):
+        data = {s: per_case.loc[per_case["structure"] == s, metric].dropna().to_numpy() for s in structures}
+        if not any(len(d) for d in data.values()):
             continue
-        figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(structures) + 1.5), 3.2))
-        axis.boxplot([d if len(d) else [np.nan] for d in data], showmeans=True)
-        axis.set_xticks(range(1, len(structures) + 1), structures, rotation=30, ha="right")
-        axis.set_ylabel(metric)
-        axis.set_title(f"{metric} per structure (NaN excluded)")
-        axis.grid(axis="y", alpha=0.3)
-        plots.append((metric, figure_png(figure)))
+        plots.append((metric, box_plot_svg(data, metric=metric)))
     return plots
 
 
 def _overlay(
-    reference_path: str, prediction_path: str, image_path: str | None, label_ids: Sequence[int], title: str
-) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    reference = np.isin(read_volume(reference_path, kind="label").array[0], label_ids)
-    prediction = np.isin(read_volume(prediction_path, kind="label").array[0], label_ids)
-    background = None
-    if image_path:
-        try:
-            background = read_volume(image_path).array[0]
-        except Exception:  # noqa: BLE001 - an overlay without its image is still useful
-            background = None
+    reference_labels: np.ndarray,
+    prediction_labels: np.ndarray,
+    background: np.ndarray | None,
+    label_ids: Sequence[int],
+    title: str,
+) -> tuple[str, str] | None:
+    """``(PNG data URI, caption)``: the structure's contours on the (given, or largest) slice."""
+    reference = np.isin(reference_labels, label_ids)
+    prediction = np.isin(prediction_labels, label_ids)
     if reference.ndim == 3:
         area = reference.sum(axis=(0, 1)) + 0.5 * prediction.sum(axis=(0, 1))
         k = int(np.argmax(area))
         reference, prediction = reference[:, :, k], prediction[:, :, k]
         background = background[:, :, k] if background is not None and background.ndim == 3 else None
         title = f"{title} (slice k={k})"
-    figure, axis = plt.subplots(figsize=(4, 4))
-    if background is not None and background.shape == reference.shape:
-        axis.imshow(background.T, cmap="gray", origin="lower")
-    else:
-        axis.imshow(np.zeros(reference.T.shape), cmap="gray", origin="lower")
-    if reference.any():
-        axis.contour(reference.T.astype(float), levels=[0.5], colors=["lime"], linewidths=1.2)
-    if prediction.any():
-        axis.contour(prediction.T.astype(float), levels=[0.5], colors=["red"], linewidths=1.0)
-    axis.set_title(title, fontsize=9)
-    axis.set_axis_off()
-    return figure_png(figure)
+    return overlay_png(reference, prediction, background), title
 
 
 def table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
@@ -203,12 +183,17 @@ def table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
     )
 
 
-def write_report(evaluation: Evaluation, path: str | Path, *, worst: int = 5) -> Path:
-    """Write a self-contained HTML report (summary table, box plots, worst-case overlays)."""
+def write_report(
+    evaluation: Evaluation, path: str | Path, *, worst: int = 5, summary: pd.DataFrame | None = None
+) -> Path:
+    """Write a self-contained HTML report (summary table, box plots, worst-case overlays).
+
+    ``summary`` is ``summarize(evaluation.per_case)`` when the caller already has it.
+    """
     path = Path(path)
-    content = summary_json(evaluation)
+    summary = summarize(evaluation.per_case) if summary is None else summary
+    content = summary_json(evaluation, summary=summary)
     per_case = evaluation.per_case
-    summary = summarize(per_case)
     compact = pd.DataFrame()
     statuses = pd.DataFrame()
     if not summary.empty:
@@ -276,30 +261,87 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+def _label_boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None] | None:
+    """Bounding box of every label value (index ``value - 1``): one pass in C; None for unusual maps."""
+    if labels.ndim != 3 or labels.dtype.kind not in "ui" or labels.min(initial=0) < 0:
+        return None
+    return ndimage.find_objects(labels)
+
+
+def _largest_slice(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    boxes: tuple[list[tuple[slice, ...] | None], list[tuple[slice, ...] | None]],
+    label_ids: Sequence[int],
+) -> int | None:
+    """The slice ``k`` (last axis) where ``area(reference) + 0.5 area(prediction)`` of the labels is largest.
+
+    Only the labels' bounding box is searched, so the cost follows the structure, not the volume.
+    """
+    found = [box[i - 1] for box in boxes for i in label_ids if 0 < i <= len(box) and box[i - 1] is not None]
+    if not found:
+        return None
+    union = tuple(slice(min(b[d].start for b in found), max(b[d].stop for b in found)) for d in range(3))
+    area = np.isin(reference[union], label_ids).sum(axis=(0, 1)) + 0.5 * np.isin(prediction[union], label_ids).sum(
+        axis=(0, 1)
+    )
+    return union[2].start + int(np.argmax(area))
+
+
 def _worst_section(evaluation: Evaluation, worst: int) -> str:
     per_case = evaluation.per_case
     scored = per_case[per_case["status"].isin(["ok", "pred_empty", "ref_empty"])].sort_values("dice").head(worst)
     if scored.empty:
         return ""
     cases = evaluation.cases.set_index("case_id")
-    images = []
-    for row in scored.itertuples():
-        case = cases.loc[row.case_id]
+    rows = list(scored.itertuples())
+    sources: dict[int, tuple[str, str] | None] = {}
+    # the volumes of each case are read once, however many of its structures are among the worst
+    for case_id in dict.fromkeys(row.case_id for row in rows):
+        case = cases.loc[case_id]
         if not isinstance(case.reference, str) or not isinstance(case.prediction, str):
             continue
-        label_ids = [int(v) for v in str(row.label).split("+")]
         try:
-            src = _overlay(
-                case.reference,
-                case.prediction,
-                getattr(case, "image", None),
-                label_ids,
-                f"{row.case_id} · {row.structure} · Dice {row.dice:.3f}",
-            )
+            reference = read_volume(case.reference, kind="label").array[0]
+            prediction = read_volume(case.prediction, kind="label").array[0]
         except Exception:  # noqa: BLE001 - a broken overlay must not lose the report
-            src = None
-        if src:
-            images.append(f'<img alt="overlay {html.escape(str(row.case_id))}" src="{src}">')
+            continue
+        background = None
+        image_path = getattr(case, "image", None)
+        if isinstance(image_path, str) and image_path:
+            try:
+                background = read_volume(image_path).array[0]
+            except Exception:  # noqa: BLE001 - an overlay without its image is still useful
+                background = None
+        ref_boxes, pred_boxes = _label_boxes(reference), _label_boxes(prediction)
+        for position, row in enumerate(rows):
+            if row.case_id != case_id:
+                continue
+            label_ids = [int(v) for v in str(row.label).split("+")]
+            title = f"{row.case_id} · {row.structure} · Dice {row.dice:.3f}"
+            try:
+                k = None
+                if ref_boxes is not None and pred_boxes is not None and prediction.shape == reference.shape:
+                    k = _largest_slice(reference, prediction, (ref_boxes, pred_boxes), label_ids)
+                if k is None:  # 2D, or an unusual map: the overlay searches the whole volume
+                    sources[position] = _overlay(reference, prediction, background, label_ids, title)
+                    continue
+                sources[position] = _overlay(
+                    reference[:, :, k],
+                    prediction[:, :, k],
+                    background[:, :, k] if background is not None and background.ndim == 3 else None,
+                    label_ids,
+                    f"{title} (slice k={k})",
+                )
+            except Exception:  # noqa: BLE001 - a broken overlay must not lose the report
+                sources[position] = None
+        del reference, prediction, background
+    images = [
+        f'<figure style="display:inline-block;margin:4px"><img alt="overlay {html.escape(str(row.case_id))}" '
+        f'src="{figure[0]}"><figcaption style="font-size:12px">{html.escape(figure[1])}</figcaption></figure>'
+        for position, row in enumerate(rows)
+        if (figure := sources.get(position))
+    ]
     return (
         ("<h2>Worst cases</h2><p>Lowest Dice; reference contour green, prediction red.</p>" + "".join(images))
         if images

@@ -3,7 +3,8 @@
 ``inference`` owns ``medseg predict``: the :class:`Segmenter` (a network or fold ensemble:
 preprocessing, the shared sliding-window engine, fold averaging; :mod:`~medseg.inference.segmenter`),
 the mapping of probabilities back onto the input grid (:mod:`~medseg.inference.invert`), batch
-prediction that skips finished cases and records what it did (:mod:`~medseg.inference.batch`),
+prediction that skips finished cases and records what it did (:mod:`~medseg.inference.batch`; one case:
+:mod:`~medseg.inference.case`; on a Dask cluster: :mod:`~medseg.inference.dask_predict`),
 postprocessing rules and instance maps (:mod:`~medseg.inference.postprocess`) and choosing those
 rules on cross-validation predictions (:mod:`~medseg.inference.crossval`).
 """

@@ -9,7 +9,13 @@ file                               content
 ``<name>``                         label map, with the input file's name and format (``.mhd``
                                    becomes ``.mha``, ``.nhdr`` ``.nrrd``, GIF/JPEG/BMP ``.png``,
                                    a DICOM folder ``<folder>.nii.gz``; manifest cases are named
-                                   ``<case_id>`` + their image's format)
+                                   ``<case_id>`` + their image's format); ``output_format``
+                                   chooses another: ``<case>.seg.nrrd`` (3D Slicer, names and
+                                   colours), ``<case>.dcm`` (DICOM-SEG of a DICOM series input),
+                                   ``.nii.gz`` ... (:mod:`medseg.io.label_files`)
+``labels.itksnap.txt``             ITK-SNAP label descriptions: names and colours per label value
+``statistics/<case>.csv``          volume (ml) and intensities per structure (``statistics``),
+                                   and ``statistics.csv`` of every case
 ``instances/<case>.nii.gz``        instance map of the thing structures (when the model has any)
 ``panoptic/<case>.nii.gz``         ``label_id * 1000 + instance`` (see :mod:`medseg.postprocess`)
 ``probabilities/<case>.nii.gz``    float32 softmax, one channel per class (``save_probabilities``)
@@ -26,6 +32,11 @@ is rewritten after each case, so a rerun skips a case only when its record says 
 by the same model and options from the same input (size and mtime) and the output file still has
 the recorded SHA-256; anything else is predicted again.
 
+**Dask**: with ``scheduler`` or ``dask_local`` the cases are predicted on a Dask cluster
+(:mod:`medseg.inference.dask_predict`): each worker loads the model once, reads its cases and writes
+their outputs (atomically); only the record entries travel back, and this process, the only writer of
+``medseg_predict.json``, records each case as it arrives, so resume works the same.
+
 Example:
     >>> result = predict_batch("runs/hippo/fold_0", "imagesTs/", "predictions/")   # doctest: +SKIP
     >>> result.failed                                                               # doctest: +SKIP
@@ -41,19 +52,20 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
-
-import torch
 
 from medseg import __version__
 from medseg.data.manifest import load_manifest
 from medseg.errors import MedsegUserError
-from medseg.inference.postprocess import instance_maps
+from medseg.evaluation.dask_runner import check_dask_options, require_distributed
+from medseg.inference.case import file_fingerprint, predict_case
 from medseg.inference.segmenter import Segmenter
 from medseg.io.files import sha256_file, write_json
-from medseg.io.volumes import VOLUME_SUFFIXES, read_channels, strip_volume_suffix, volume_suffix, write_volume
+from medseg.io.label_files import check_output_format, label_file_name
+from medseg.io.viewer import ITKSNAP_LABELS_FILE, write_itksnap_labels
+from medseg.io.volumes import VOLUME_SUFFIXES, strip_volume_suffix, volume_suffix
 
 __all__ = ["PredictionJob", "BatchResult", "predict_batch", "collect_inputs", "output_name", "RECORD_FILE"]
 
@@ -82,6 +94,7 @@ class BatchResult:
         failed: ``(case_id, message)`` of cases that failed.
         record: path of ``medseg_predict.json``.
         elapsed_s: wall time of the call.
+        cases_per_worker: cases predicted by each Dask worker (empty without Dask).
     """
 
     predicted: list[str] = field(default_factory=list)
@@ -89,6 +102,7 @@ class BatchResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     record: Path | None = None
     elapsed_s: float = 0.0
+    cases_per_worker: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -176,17 +190,6 @@ def collect_inputs(
     return jobs
 
 
-def _file_fingerprint(path: Path) -> list[Any]:
-    try:
-        if path.is_dir():
-            stats = [f.stat() for f in sorted(path.iterdir()) if f.is_file()]
-            return [str(path), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
-        stat = path.stat()
-    except OSError:  # a vanished input never matches a record: the case is redone (and then fails clearly)
-        return [str(path), None, None]
-    return [str(path), stat.st_size, stat.st_mtime_ns]
-
-
 def _versions() -> dict[str, str]:
     import monai
     import numpy
@@ -230,16 +233,48 @@ def _write_record(record: dict[str, Any], path: Path) -> None:
     write_json(record, path)
 
 
+class _RefinedSegmenter:
+    """A Segmenter whose predictions pass through ``refine``; keeps the last case's statuses."""
+
+    def __init__(self, segmenter: Segmenter, refine: Any) -> None:
+        self._segmenter = segmenter
+        self._refine = refine
+        self.statuses: dict[str, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._segmenter, name)
+
+    def predict_full(self, volume: Any, **options: Any) -> Any:
+        prediction = self._segmenter.predict_full(volume, **options)
+        clock = time.monotonic()
+        prediction.labels, self.statuses = self._refine(volume, prediction.labels)
+        prediction.timings_s["refine_s"] = round(time.monotonic() - clock, 4)
+        return prediction
+
+
 def _complete(entry: dict[str, Any] | None, job: PredictionJob, output: Path, model_key: str) -> bool:
     if not entry or entry.get("status") != "ok" or entry.get("model_key") != model_key:
         return False
-    if entry.get("inputs") != [_file_fingerprint(p) for p in job.images]:
+    if entry.get("inputs") != [file_fingerprint(p) for p in job.images]:
         return False
     for item in entry.get("outputs", {}).values():
         path = output / item["file"]
         if not path.is_file() or sha256_file(path) != item["sha256"]:
             return False
     return bool(entry.get("outputs"))
+
+
+def _write_all_statistics(record: dict[str, Any], output: Path) -> None:
+    """``statistics.csv``: the per-case statistics tables of every predicted case, with a ``case_id`` column."""
+    from medseg.evaluation.statistics import combine_statistics, write_statistics
+
+    files = {
+        case_id: output / entry["outputs"]["statistics"]["file"]
+        for case_id, entry in record["cases"].items()
+        if entry.get("status") == "ok" and "statistics" in entry.get("outputs", {})
+    }
+    if files:
+        write_statistics(combine_statistics(files), output / "statistics.csv")
 
 
 def predict_batch(
@@ -257,7 +292,15 @@ def predict_batch(
     watershed: bool = False,
     which: str = "last",
     postprocessing: str | os.PathLike[str] | None = "auto",
+    output_format: str = "auto",
+    statistics: bool = False,
     progress: bool = True,
+    scheduler: str | None = None,
+    dask_local: int | None = None,
+    dask_threads: int = 1,
+    refine: Any = None,
+    runtime: str = "torch",
+    threads: int | None = None,
 ) -> BatchResult:
     """Predict every case of ``input`` into ``output`` (see the module docstring).
 
@@ -276,7 +319,24 @@ def predict_batch(
         which: ``"last"`` (default) or ``"best"`` checkpoint of run folders (``best`` was chosen on
             the run's own validation cases: optimistic there).
         postprocessing: ``"auto"``, a ``postprocessing.json`` path, or None (none applied).
-        progress: show a progress bar.
+        output_format: label file format, one of :data:`medseg.io.label_files.OUTPUT_FORMATS`
+            (``"auto"``: the input's; ``"seg.nrrd"``: 3D Slicer; ``"dicom-seg"``: ``<case>.dcm``
+            referencing the input DICOM series). ``labels.itksnap.txt`` (ITK-SNAP label names and
+            colours) is written beside the label maps whatever the format.
+        statistics: also write ``statistics/<case>.csv`` (volume and intensities per structure,
+            :mod:`medseg.evaluation.statistics`) and ``statistics.csv`` of all cases.
+        progress: show a progress bar (with Dask: the cases done per worker).
+        scheduler: predict on the Dask cluster of this running scheduler (``tcp://host:8786``): each
+            worker loads the model once, reads its cases and writes their outputs (shared storage);
+            see :mod:`medseg.inference.dask_predict`. ``model`` must then be paths, not a Segmenter.
+        dask_local: predict on a local Dask cluster of this many worker processes instead.
+        dask_threads: torch threads of each Dask worker (each predicts one case at a time).
+        refine: a step applied to every case's label map after the network, called as
+            ``refine(image, labels) -> (labels, {structure: "applied" | "skipped: <reason>"})``;
+            its ``key`` (str) joins the model key, its statuses go to the case's record entry as
+            ``refinement`` (e.g. :class:`medseg.refine.apply.SamRefiner`). Not with Dask.
+        runtime: ``"torch"``, ``"onnx"`` or ``"auto"`` (see :meth:`Segmenter.from_checkpoint`).
+        threads: onnxruntime intra-op threads (None: one per core; Dask workers use ``dask_threads``).
 
     Returns:
         A :class:`BatchResult`; failed cases are listed there and in the record, not raised.
@@ -287,19 +347,52 @@ def predict_batch(
     from tqdm.auto import tqdm
 
     start = time.monotonic()
+    check_output_format(output_format)
+    use_dask = check_dask_options(scheduler=scheduler, local_workers=dask_local, threads_per_worker=dask_threads)
+    if use_dask:
+        require_distributed()
+        if isinstance(model, Segmenter):
+            raise MedsegUserError("predicting on Dask needs the model's paths (the workers load it), not a Segmenter")
     if isinstance(model, Segmenter):
         segmenter = model
     else:
         segmenter = Segmenter.from_checkpoint(
-            model, which=which, device=device, tta=tta, overlap=overlap, postprocessing=postprocessing
+            model,
+            which=which,
+            device=device,
+            tta=tta,
+            overlap=overlap,
+            postprocessing=postprocessing,
+            runtime=runtime,
+            threads=threads,
         )
-    jobs = collect_inputs(input, data_root=data_root, num_channels=len(segmenter.plans["normalization"]), subset=subset)
+    # files per case: the dataset's channels (an RGB photograph is one file holding the 3 channels it normalises)
+    file_channels = len(segmenter.plans["dataset"].get("channels") or segmenter.plans["normalization"])
+    jobs = collect_inputs(input, data_root=data_root, num_channels=file_channels, subset=subset)
+    not_series = [job.images[0] for job in jobs if not job.images[0].is_dir()]
+    if output_format == "dicom-seg" and not_series:
+        raise MedsegUserError(
+            f"{not_series[0]}: --output-format dicom-seg needs DICOM series folders as input, not files"
+        )
+    if output_format != "auto":
+        jobs = [
+            replace(job, output_name=label_file_name(strip_volume_suffix(job.output_name), "", output_format))
+            for job in jobs
+        ]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    write_itksnap_labels(segmenter.labels, output / ITKSNAP_LABELS_FILE)
     record_path = output / RECORD_FILE
     description = segmenter.describe()
     write_instances = instances and bool(segmenter.things)
     key = _model_key(description, instances=write_instances, watershed=watershed, save_probabilities=save_probabilities)
+    if refine is not None:
+        if use_dask:
+            raise MedsegUserError("refinement runs in this process: drop --scheduler / --dask-local")
+        key = hashlib.sha256(f"{key}:{refine.key}".encode()).hexdigest()
+        segmenter = _RefinedSegmenter(segmenter, refine)  # type: ignore[assignment]
+    if output_format != "auto" or statistics:  # other outputs: a case written before is not complete
+        key = hashlib.sha256(f"{key}|{output_format}|{statistics}".encode()).hexdigest()
     previous = _load_record(record_path)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record: dict[str, Any] = {
@@ -316,6 +409,8 @@ def predict_batch(
             "instances": write_instances,
             "watershed": watershed,
             "which": which,
+            "output_format": output_format,
+            "statistics": statistics,
         },
         "versions": _versions(),
         "host": {"platform": platform.platform(), "device": str(segmenter.device)},
@@ -327,67 +422,73 @@ def predict_batch(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise MedsegUserError(f"{input}: several inputs would write {duplicates[:3]}")
-    bar = tqdm(jobs, desc="predict", unit="case", disable=not progress, dynamic_ncols=True)
-    for job in bar:
-        bar.set_postfix_str(job.case_id)
-        target = output / job.output_name
+    case_options = {
+        "model_key": key,
+        "write_instances": write_instances,
+        "watershed": watershed,
+        "save_probabilities": save_probabilities,
+        "statistics": statistics,
+    }
+
+    def record_case(job: PredictionJob, entry: dict[str, Any]) -> None:
+        """Record a finished case (the driver is the only writer of the record)."""
+        record["cases"][job.case_id] = entry
+        if entry["status"] == "ok":
+            result.predicted.append(job.case_id)
+        else:
+            result.failed.append((job.case_id, entry["error"]))
+            if progress:
+                tqdm.write(f"failed: {job.case_id}: {entry['error']}")
+        _write_record(record, record_path)
+
+    todo = []
+    for job in jobs:
         if _complete(record["cases"].get(job.case_id), job, output, key):
             result.skipped.append(job.case_id)
-            continue
-        clock = time.monotonic()
-        try:
-            volume = read_channels(list(job.images))
-            prediction = segmenter.predict_full(volume, probabilities=save_probabilities)
-            written = {"labels": write_volume(prediction.labels, target)}
-            if write_instances:
-                instance_array, panoptic_array = instance_maps(
-                    prediction.labels.array[0],
-                    labels=segmenter.labels,
-                    things=segmenter.things,
-                    spacing_mm=volume.spacing_mm,
-                    watershed=watershed,
-                )
-                written["instances"] = write_volume(
-                    prediction.labels.with_array(instance_array[None]), output / "instances" / f"{job.case_id}.nii.gz"
-                )
-                written["panoptic"] = write_volume(
-                    prediction.labels.with_array(panoptic_array[None]), output / "panoptic" / f"{job.case_id}.nii.gz"
-                )
-            if prediction.probabilities is not None:
-                written["probabilities"] = write_volume(
-                    prediction.probabilities, output / "probabilities" / f"{job.case_id}.nii.gz"
-                )
-            record["cases"][job.case_id] = {
-                "status": "ok",
-                "model_key": key,
-                "inputs": [_file_fingerprint(p) for p in job.images],
-                "outputs": {
-                    name: {"file": str(path.relative_to(output)), "sha256": sha256_file(path)}
-                    for name, path in written.items()
-                },
-                "shape": list(volume.spatial_shape),
-                "spacing_mm": [round(s, 6) for s in volume.spacing_mm],
-                "timings_s": prediction.timings_s,
-                "seconds": round(time.monotonic() - clock, 3),
-            }
-            result.predicted.append(job.case_id)
-        except (MedsegUserError, MemoryError, torch.cuda.OutOfMemoryError) as error:
-            # a bad input or a case too large for this machine must not stop the batch; any other
-            # exception is a bug in medseg and propagates
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            if not isinstance(error, MedsegUserError):
-                message = f"out of memory ({type(error).__name__}): {message}; try --device cpu or a smaller --overlap"
-            record["cases"][job.case_id] = {
-                "status": "failed",
-                "inputs": [str(p) for p in job.images],
-                "error": message,
-                "seconds": round(time.monotonic() - clock, 3),
-            }
-            result.failed.append((job.case_id, message))
-            if progress:
-                bar.write(f"failed: {job.case_id}: {message}")
-        _write_record(record, record_path)
-    bar.close()
+        else:
+            todo.append(job)
+    if use_dask and todo:
+        from medseg.inference.dask_predict import predict_on_dask
+
+        result.cases_per_worker = predict_on_dask(
+            model,
+            todo,
+            output,
+            load_options={
+                "which": which,
+                "device": device,
+                "tta": tta,
+                "overlap": overlap,
+                "postprocessing": postprocessing,
+                "runtime": runtime,
+                "threads": dask_threads if runtime != "torch" else None,
+            },
+            checkpoint_hashes=[c["sha256"] for c in description["checkpoints"]],
+            case_options=case_options,
+            on_entry=record_case,
+            scheduler=scheduler,
+            local_workers=dask_local,
+            torch_threads=dask_threads,
+            progress=progress,
+        )
+    else:
+        bar = tqdm(todo, desc="predict", unit="case", disable=not progress, dynamic_ncols=True)
+        for job in bar:
+            bar.set_postfix_str(job.case_id)
+            entry = predict_case(
+                segmenter, job.images, output, case_id=job.case_id, output_name=job.output_name, **case_options
+            )
+            if refine is not None and entry["status"] == "ok":
+                entry["refinement"] = segmenter.statuses
+            record_case(job, entry)
+        bar.close()
+    # cases finish in any order on Dask: the record and the result list them in input order
+    order = {job.case_id: i for i, job in enumerate(jobs)}
+    record["cases"] = dict(sorted(record["cases"].items(), key=lambda item: order.get(item[0], len(order))))
+    result.predicted.sort(key=order.__getitem__)
+    result.failed.sort(key=lambda failure: order[failure[0]])
     _write_record(record, record_path)
+    if statistics:
+        _write_all_statistics(record, output)
     result.elapsed_s = round(time.monotonic() - start, 3)
     return result

@@ -45,9 +45,10 @@ from medseg.errors import CheckpointError, MedsegUserError
 from medseg.inference.invert import probabilities_to_input_grid
 from medseg.inference.postprocess import POSTPROCESSING_FILE, apply_postprocessing, load_postprocessing
 from medseg.io.files import sha256_file
-from medseg.model.checkpoint import load_checkpoint, resolve_checkpoints
+from medseg.model.checkpoint import load_fold_checkpoints, resolve_checkpoints
 from medseg.model.device import select_device
 from medseg.model.networks import build_network
+from medseg.model.onnx_export import cached_onnx_network, choose_runtime
 from medseg.model.transforms import inference_transforms
 from medseg.model.windows import sliding_window_logits
 
@@ -103,6 +104,7 @@ class Segmenter:
         postprocessing: Mapping[str, Any] | None = None,
         sw_batch_size: int | None = None,
         checkpoints: Sequence[tuple[str, str]] = (),
+        runtime: str = "torch",
     ) -> None:
         if not networks:
             raise ValueError("Segmenter needs at least one network")
@@ -122,6 +124,7 @@ class Segmenter:
         dims = int(self.plans_config["spatial_dims"])
         self.sw_batch_size = int(sw_batch_size or (2 if dims == 3 else 8))
         self.checkpoints = [tuple(c) for c in checkpoints]
+        self.runtime = runtime  # "torch", or "onnx" for onnxruntime networks (medseg.model.onnx_export)
         self.networks = [net.to(self.device).eval() for net in networks]
         self.amp = self.device.type == "cuda"
 
@@ -137,6 +140,8 @@ class Segmenter:
         overlap: float = 0.5,
         postprocessing: str | os.PathLike[str] | Mapping[str, Any] | None = "auto",
         sw_batch_size: int | None = None,
+        runtime: str = "torch",
+        threads: int | None = None,
     ) -> Segmenter:
         """Load a checkpoint, a run folder, a folder of ``fold_K`` runs, or several of them (an ensemble).
 
@@ -150,6 +155,10 @@ class Segmenter:
             postprocessing: ``"auto"`` (``postprocessing.json`` of the run folder, or of the folder
                 holding the fold runs, when present), a path, the rules themselves, or None.
             sw_batch_size: windows per forward pass.
+            runtime: ``"torch"``, ``"onnx"`` (onnxruntime on the CPU; each checkpoint is exported on
+                first use and cached beside it, see :mod:`medseg.model.onnx_export`) or ``"auto"``
+                (the runtime measured faster, :func:`medseg.model.onnx_export.choose_runtime`).
+            threads: onnxruntime intra-op threads (None: one per core).
 
         Raises:
             CheckpointError: not a checkpoint, truncated, newer format, or folds that disagree
@@ -157,17 +166,9 @@ class Segmenter:
         """
         paths = resolve_checkpoints(model, which=which)
         networks, hashes = [], []
-        first: dict[str, Any] | None = None
-        for path in paths:
-            content = load_checkpoint(path)
-            if first is None:
-                first = content
-            else:
-                for key in ("plans", "config", "labels"):
-                    if content[key] != first[key]:
-                        raise CheckpointError(
-                            f"{path}: {key} differ from those of {paths[0]}; folds of one ensemble must share them"
-                        )
+        contents = load_fold_checkpoints(paths)
+        first = contents[0]
+        for path, content in zip(paths, contents):
             labels = LabelSet.from_manifest(content["labels"]["labels"], regions=content["labels"].get("regions"))
             cfg = content["plans"]["configurations"][content["config"]]
             network = build_network(
@@ -181,7 +182,17 @@ class Segmenter:
                 ) from None
             networks.append(network)
             hashes.append((str(path), sha256_file(path)))
-        assert first is not None
+        chosen = choose_runtime(runtime, device=select_device(device))
+        if chosen == "onnx":
+            cfg = first["plans"]["configurations"][first["config"]]
+            channels = len(first["plans"]["normalization"])
+            networks = [
+                cached_onnx_network(
+                    net, checkpoint=p, sha256=h, plans_config=cfg, in_channels=channels, threads=threads
+                )
+                for net, (p, h) in zip(networks, hashes)
+            ]
+            device = "cpu"
         labels = LabelSet.from_manifest(first["labels"]["labels"], regions=first["labels"].get("regions"))
         things = _things_from_runs(paths)
         rules = _load_postprocessing(postprocessing, paths)
@@ -197,6 +208,7 @@ class Segmenter:
             postprocessing=rules,
             sw_batch_size=sw_batch_size,
             checkpoints=hashes,
+            runtime=chosen,
         )
 
     # -- public API -------------------------------------------------------------------------------
@@ -261,6 +273,7 @@ class Segmenter:
             "overlap": self.overlap,
             "amp": self.amp,
             "postprocessing": self.postprocessing,
+            "runtime": self.runtime,
         }
 
     def __repr__(self) -> str:

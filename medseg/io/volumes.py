@@ -9,6 +9,8 @@ suffix                      library     notes
 ``.nrrd``, ``.nhdr``        SimpleITK   LPS world space, converted to RAS on read
 ``.mha``, ``.mhd``          SimpleITK   idem
 a folder of DICOM files     SimpleITK   read only; the largest series in the folder
+``.dcm`` (a DICOM-SEG)      highdicom   read here as a label map; written by :mod:`medseg.io.dicom_seg`
+``.seg.nrrd``               SimpleITK   3D Slicer segmentation; with segment names: :mod:`medseg.io.viewer`
 ``.png``, ``.tif(f)``,      Pillow      2D; axes (x=column, y=row); no physical spacing,
 ``.gif``, ``.jpg``, ``.bmp``            so 1 mm pixels and ``meta["spacing_known"] = False``
 ==========================  ==========  ==============================================
@@ -41,7 +43,7 @@ import numpy as np
 from medseg.core.itk import array_affine_from_sitk, to_sitk
 from medseg.core.labels import as_label_array
 from medseg.core.volume import Volume, VolumeKind
-from medseg.errors import GeometryMismatchError, InvalidFileError, OutputError
+from medseg.errors import GeometryMismatchError, InvalidFileError, MedsegUserError, OutputError
 from medseg.io.dicom import read_dicom_series
 from medseg.io.files import atomic_path
 from medseg.io.images2d import read_2d, write_2d
@@ -58,18 +60,23 @@ __all__ = [
     "ITK_SUFFIXES",
     "IMAGE_2D_SUFFIXES",
     "VOLUME_SUFFIXES",
+    "DICOM_SEG_SUFFIX",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")  # .seg.nrrd: 3D Slicer (medseg.io.viewer)
 
 
 IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp")
 
 
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + IMAGE_2D_SUFFIXES
+
+# a single .dcm file is read as a DICOM-SEG label map (an image series is a folder); not in VOLUME_SUFFIXES,
+# because the .dcm files of a series folder are slices, not cases
+DICOM_SEG_SUFFIX = ".dcm"
 
 
 def volume_suffix(path: str | os.PathLike[str]) -> str:
@@ -115,6 +122,10 @@ def read_volume(path: str | os.PathLike[str], *, kind: VolumeKind = "image") -> 
     try:
         if path.is_dir():
             array, affine, meta = read_dicom_series(path)
+        elif path.name.lower().endswith(DICOM_SEG_SUFFIX):
+            from medseg.io.dicom_seg import read_dicom_seg
+
+            array, affine, meta = read_dicom_seg(path)
         elif suffix in NIFTI_SUFFIXES:
             array, affine, meta = _read_nifti(path)
         elif suffix in ITK_SUFFIXES:
@@ -123,9 +134,9 @@ def read_volume(path: str | os.PathLike[str], *, kind: VolumeKind = "image") -> 
             array, affine, meta = read_2d(path, kind=kind)
         else:
             raise InvalidFileError(
-                f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)} or a DICOM folder)"
+                f"{path}: unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)}, a .dcm DICOM-SEG or a DICOM folder)"
             )
-    except InvalidFileError:
+    except MedsegUserError:  # already one line naming the file
         raise
     except MemoryError:
         raise

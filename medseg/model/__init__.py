@@ -2,7 +2,8 @@
 
 ``model`` owns everything that touches a network but not a training or prediction run: choosing
 the device (:mod:`~medseg.model.device`), building the planned network
-(:mod:`~medseg.model.networks`), the MONAI transform chains for preprocessing and augmentation
+(:mod:`~medseg.model.networks`: the U-Net, or FCN / DeepLabV3+ from
+:mod:`~medseg.model.architectures`), the MONAI transform chains for preprocessing and augmentation
 (:mod:`~medseg.model.transforms`), writing and reading checkpoints safely
 (:mod:`~medseg.model.checkpoint`, ``weights_only=True``) and the one sliding-window + mirroring-TTA
 engine that training validation and prediction share (:mod:`~medseg.model.windows`). It imports

@@ -31,12 +31,14 @@ import torch
 from medseg import __version__
 from medseg.errors import CheckpointError
 from medseg.io.files import atomic_path
+from medseg.model.bundle import bundle_checkpoints, is_bundle
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_FORMAT_VERSION",
     "save_checkpoint",
     "load_checkpoint",
+    "load_fold_checkpoints",
     "resolve_checkpoint",
     "resolve_checkpoints",
 ]
@@ -117,13 +119,38 @@ def load_checkpoint(
     return content
 
 
+def load_fold_checkpoints(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Load the checkpoints of one model's folds (an ensemble) and check they belong together.
+
+    Raises:
+        CheckpointError: a checkpoint that cannot be read (see :func:`load_checkpoint`), or one whose
+            plans, configuration or label map differ from the first's: folds of one model share them.
+    """
+    contents: list[dict[str, Any]] = []
+    for path in paths:
+        content = load_checkpoint(path)
+        if contents:
+            for key in ("plans", "config", "labels"):
+                if content[key] != contents[0][key]:
+                    raise CheckpointError(
+                        f"{path}: {key} differ from those of {paths[0]}; folds of one model must share them"
+                    )
+        contents.append(content)
+    return contents
+
+
 def resolve_checkpoints(
     model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, which: str = "last"
 ) -> list[Path]:
-    """Checkpoint files of a model given as a file, a run folder, a folder of ``fold_K`` runs, or a list.
+    """Checkpoint files of a model given as a file, a run folder, a folder of ``fold_K`` runs, a bundle, or a list.
+
+    A model bundle (``model.zip`` from ``medseg export``) is checked file by file against its model
+    card and extracted to a cache (:func:`medseg.model.bundle.open_bundle`); its checkpoints are the
+    ones it was exported with, whatever ``which`` says.
 
     Raises:
-        CheckpointError: a path that is neither a checkpoint nor a run folder holding one.
+        CheckpointError: a path that is neither a checkpoint nor a run folder holding one; a bundle
+            that is unsafe, incomplete or changed.
     """
     items = [model] if isinstance(model, (str, os.PathLike)) else list(model)
     if not items:
@@ -131,7 +158,9 @@ def resolve_checkpoints(
     found: list[Path] = []
     for item in items:
         path = Path(item)
-        if path.is_file():
+        if is_bundle(path):
+            found += bundle_checkpoints(path)
+        elif path.is_file():
             found.append(path)
         elif (path / f"checkpoint_{which}.pt").is_file():
             found.append(path / f"checkpoint_{which}.pt")

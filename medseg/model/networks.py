@@ -1,6 +1,9 @@
-"""2D/3D U-Nets from plans: MONAI DynUNet (nnU-Net's architecture) or MONAI UNet, one builder.
+"""The network a plans configuration names, one builder for every architecture.
 
-The plans' ``network`` section names the architecture and its topology:
+A configuration's ``architecture`` (:mod:`medseg.planning.architectures`) picks the family:
+``dynunet`` (the default, built here), or ``fcn`` / ``deeplabv3plus``
+(:mod:`medseg.model.architectures`). For ``dynunet`` the ``network`` section names the U-Net and
+its topology:
 
 * ``DynUNet``: ``filters``, ``kernel_size`` and ``strides`` per stage and axis, instance norm,
   leaky ReLU (slope 0.01), optional deep supervision (``deep_supr_num`` extra heads; in training
@@ -32,19 +35,43 @@ def build_network(
     *,
     in_channels: int,
     out_channels: int,
+    backbone_weights: bool = False,
 ) -> nn.Module:
     """Build the network a configuration of the plans names.
 
+    Every network maps ``(B, in_channels, *patch)`` to logits ``(B, out_channels, *patch)`` (a
+    DynUNet with deep supervision, in training mode, stacks its heads, see
+    :func:`deep_supervision_outputs`).
+
     Args:
-        plans_config: one entry of ``plans["configurations"]`` (``spatial_dims`` and ``network``).
+        plans_config: one entry of ``plans["configurations"]`` (``spatial_dims``, ``architecture``
+            and ``network``).
         in_channels: image channels.
         out_channels: classes, background included.
+        backbone_weights: start a ResNet encoder from the plans' local ``backbone_checkpoint``
+            (training from scratch; a model checkpoint holds every weight anyway).
 
     Raises:
         MedsegUserError: unknown architecture or inconsistent topology in the plans.
     """
+    from medseg.planning.architectures import ARCHITECTURE_NAMES, configuration_architecture
+
     spatial_dims = int(plans_config["spatial_dims"])
     network = dict(plans_config["network"])
+    family = configuration_architecture(plans_config)
+    if family not in ARCHITECTURE_NAMES:
+        raise MedsegUserError(f"plans: unknown architecture {family!r} (known: {', '.join(ARCHITECTURE_NAMES)})")
+    if family != "dynunet":
+        from medseg.model.architectures import build_resnet_architecture
+
+        return build_resnet_architecture(
+            family,
+            spatial_dims=spatial_dims,
+            network=network,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            backbone_weights=backbone_weights,
+        )
     architecture = network.get("architecture", "DynUNet")
     if architecture == "DynUNet":
         from monai.networks.nets import DynUNet

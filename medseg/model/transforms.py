@@ -100,11 +100,17 @@ def metatensor_to_volume(tensor: torch.Tensor, *, kind: str = "image", meta: Map
 class LoadVolumed(MapTransform):
     """Read ``"image"`` (one path per channel, or a Volume) and ``"label"`` through medseg.io.
 
-    The result is a float32 MetaTensor whose affine is the Volume's RAS affine.
+    The result is a float32 MetaTensor whose affine is the Volume's RAS affine. With
+    ``image_as_slice`` a 2D image (PNG, TIFF, GIF) becomes a volume of one slice along axis 2,
+    which is how plans with three spacings (a 2D dataset's ``2d`` configuration: ``slice_axis`` 2,
+    a third spacing of 1 mm) and :class:`~medseg.inference.segmenter.Segmenter` see it.
     """
 
-    def __init__(self, keys: Sequence[str] = ("image", "label"), *, allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self, keys: Sequence[str] = ("image", "label"), *, allow_missing_keys: bool = True, image_as_slice: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.image_as_slice = image_as_slice
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -118,6 +124,8 @@ class LoadVolumed(MapTransform):
                 volume = read_channels(list(value))
             else:
                 volume = read_volume(value)
+            if self.image_as_slice and volume.spatial_ndim == 2:
+                volume = Volume(volume.array[..., None], volume.affine, kind=volume.kind, meta=volume.meta)
             d[key] = volume_to_metatensor(volume)
         return d
 
@@ -184,7 +192,7 @@ def preprocessing(plans: Mapping[str, Any], config: str = "3d", *, keys: Sequenc
     spacing = [float(s) for s in _config(plans, config)["spacing_mm"]]
     modes = ["nearest" if k == "label" else "bilinear" for k in keys]
     return [
-        LoadVolumed(keys),
+        LoadVolumed(keys, image_as_slice=len(spacing) == 3),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True),
         Spacingd(keys, pixdim=spacing, mode=modes, allow_missing_keys=True),
         CropForegroundd(keys, source_key="image", select_fn=_nonzero, allow_smaller=True, allow_missing_keys=True),

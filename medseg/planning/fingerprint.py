@@ -75,6 +75,24 @@ def _fingerprint_case(manifest: Manifest, case: Case, seed: int) -> dict[str, An
     }
 
 
+def _image_channel_names(manifest: Manifest, results: Sequence[dict[str, Any]]) -> list[str]:
+    """One name per channel the images hold: the manifest's, or ``"<name> R/G/B"`` for a colour image.
+
+    A 2D colour photograph (DRIVE's RGB fundus images) is one manifest channel but three image
+    channels; every case must hold the same number.
+    """
+    counts = {len(r["samples"]) for r in results}
+    if len(counts) != 1:
+        raise MedsegUserError(f"{manifest.name}: the images hold different numbers of channels {sorted(counts)}")
+    count = counts.pop()
+    names = list(manifest.channels)
+    if count == len(names):
+        return names
+    if len(names) == 1 and count in (3, 4):
+        return [f"{names[0]} {c}" for c in ("R", "G", "B", "A")[:count]]
+    raise MedsegUserError(f"{manifest.name}: the images hold {count} channels, the manifest lists {len(names)}")
+
+
 def fingerprint_dataset(
     manifest: Manifest,
     *,
@@ -96,7 +114,8 @@ def fingerprint_dataset(
 
     Returns:
         Plain JSON: ``dataset``, ``num_cases``, ``spacings_mm``, ``shapes``, ``median_spacing_mm``,
-        ``median_shape``, ``intensity`` (per channel: mean, sd, median, percentile_00_5,
+        ``median_shape`` (2 axes for 2D images, 3 for volumes), ``intensity`` (per image channel,
+        an RGB image's three included: mean, sd, median, percentile_00_5,
         percentile_99_5, min, max), ``class_voxels`` (total per label id) and ``case_ids``.
 
     Raises:
@@ -113,7 +132,7 @@ def fingerprint_dataset(
     spacings = np.array([r["spacing_mm"] for r in results], dtype=float)
     shapes = np.array([r["shape"] for r in results], dtype=float)
     intensity = []
-    for channel, name in enumerate(manifest.channels):
+    for channel, name in enumerate(_image_channel_names(manifest, results)):
         pooled = np.concatenate([r["samples"][channel] for r in results])
         if pooled.size == 0:
             pooled = np.zeros(1)

@@ -19,6 +19,14 @@ from typing import Any, Mapping
 from medseg.data.manifest import Manifest, load_manifest
 from medseg.errors import MedsegUserError
 from medseg.io.files import read_json, write_json
+from medseg.planning.architectures import (
+    ARCHITECTURE_NAMES,
+    DEFAULT_ARCHITECTURE,
+    apply_architecture,
+    configuration_architecture,
+    validate_architecture,
+)
+from medseg.planning.fast import fast_fingerprint
 from medseg.planning.fingerprint import dataset_identity, fingerprint_dataset
 from medseg.planning.presets import DEFAULT_AUGMENTATION, PLANS_FORMAT_VERSION
 from medseg.planning.rules import make_plans
@@ -65,8 +73,10 @@ def validate_plans(plans: Any, *, source: str | os.PathLike[str] = "plans") -> d
 
     Checked: ``dataset`` (``labels``, ``channels``), ``normalization`` (a scheme per channel;
     ``ct`` needs ``clip``, ``mean``, ``sd``), each configuration (``spatial_dims`` 2 or 3,
-    ``spacing_mm``, ``patch_size``, ``batch_size``, ``network`` with ``filters``, ``kernel_size``
-    and ``strides`` for DynUNet, ``slice_axis`` for 2D), ``training`` values and the
+    ``spacing_mm``, ``patch_size``, ``batch_size``, ``architecture`` and its ``network`` keys
+    (``filters``, ``kernel_size`` and ``strides`` for DynUNet; see
+    :func:`~medseg.planning.architectures.validate_architecture` for the others), ``slice_axis``
+    for 2D), ``training`` values and the
     ``augmentation`` probabilities.
 
     Returns:
@@ -129,6 +139,9 @@ def validate_plans(plans: Any, *, source: str | os.PathLike[str] = "plans") -> d
         network = cfg.get("network")
         if not isinstance(network, Mapping):
             raise fail(f"{where}.network", "is missing")
+        validate_architecture(cfg, where=where, fail=fail)
+        if configuration_architecture(cfg) != DEFAULT_ARCHITECTURE:
+            continue
         if not _positive_ints(network.get("filters")):
             raise fail(f"{where}.network.filters", "must be a list of positive integers")
         if network.get("architecture", "DynUNet") == "DynUNet":
@@ -171,6 +184,8 @@ def plan_dataset(
     memory_budget_gb: float = 8.0,
     base_features: int = 16,
     augmentation: str = DEFAULT_AUGMENTATION,
+    architecture: str = DEFAULT_ARCHITECTURE,
+    fast: bool = False,
 ) -> dict[str, Any]:
     """Fingerprint a manifest's training cases and write ``plans.json`` and ``fingerprint.json``.
 
@@ -182,15 +197,27 @@ def plan_dataset(
         memory_budget_gb: see :func:`make_plans`.
         base_features: see :func:`make_plans`.
         augmentation: see :func:`make_plans`.
+        architecture: the network of every configuration (:mod:`medseg.planning.architectures`):
+            ``dynunet`` (default), ``fcn`` or ``deeplabv3plus``.
+        fast: plan for a spacing no finer than 3 mm (:mod:`medseg.planning.fast`, as
+            TotalSegmentator's ``--fast``).
 
     Returns:
         The plans.
     """
+    if architecture.lower() not in ARCHITECTURE_NAMES:  # before any case is read
+        raise MedsegUserError(f"unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURE_NAMES)})")
     manifest = load_manifest(manifest_path, data_root=data_root)
     fingerprint = fingerprint_dataset(manifest, workers=workers)
     plans = make_plans(
-        fingerprint, memory_budget_gb=memory_budget_gb, base_features=base_features, augmentation=augmentation
+        fast_fingerprint(fingerprint) if fast else fingerprint,
+        memory_budget_gb=memory_budget_gb,
+        base_features=base_features,
+        augmentation=augmentation,
     )
+    plans["configurations"] = {
+        name: apply_architecture(cfg, architecture) for name, cfg in plans["configurations"].items()
+    }
     out = Path(out)
     write_json(fingerprint, out.with_name("fingerprint.json"))
     write_json(plans, out)

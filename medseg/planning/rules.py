@@ -206,18 +206,19 @@ def make_plans(
 
     Returns:
         Plain JSON plans: ``format_version``, ``dataset`` (identity), ``normalization`` (one
-        scheme per channel), ``augmentation`` (probability per augmentation), ``configurations``
-        (``3d``, ``2d``), ``training`` (optimiser and schedule defaults).
+        scheme per image channel), ``augmentation`` (probability per augmentation),
+        ``configurations`` (``3d`` and ``2d`` for volumes; only ``2d`` for 2D images, whose
+        ``spacing_mm`` has a third entry 1.0 for the single slice along ``slice_axis`` 2),
+        ``training`` (optimiser and schedule defaults).
     """
     if augmentation not in AUGMENTATION_PRESETS:
         raise MedsegUserError(f"unknown augmentation preset {augmentation!r} (known: {sorted(AUGMENTATION_PRESETS)})")
     spacings = np.asarray(fingerprint["spacings_mm"], dtype=float)
     shapes = np.asarray(fingerprint["shapes"], dtype=float)
-    if shapes.ndim != 2 or shapes.shape[1] != 3:
+    if shapes.ndim != 2 or shapes.shape[1] not in (2, 3):
         raise MedsegUserError(
-            f"{fingerprint.get('dataset', {}).get('name', 'dataset')}: the planner supports 3D volumes only; "
-            f"this dataset's images have {shapes.shape[-1] if shapes.ndim == 2 else '?'} spatial axes "
-            "(2D images such as DRIVE are evaluated, not yet trained)"
+            f"{fingerprint.get('dataset', {}).get('name', 'dataset')}: the planner supports 2D images and 3D "
+            f"volumes; this dataset's images have {shapes.shape[-1] if shapes.ndim == 2 else '?'} spatial axes"
         )
     spacing = target_spacing(spacings)
     physical = shapes * spacings
@@ -242,6 +243,63 @@ def make_plans(
         memory_budget_gb=memory_budget_gb,
         max_stages=max_stages,
     )
+    if shapes.shape[1] == 2:
+        # 2D images (DRIVE): one 2d configuration; an image is a volume of one slice along axis 2
+        config_2d = _configuration(
+            median_shape,
+            spacing,
+            total_voxels=total_voxels,
+            max_features=512,
+            max_patch_voxels=2048**2,
+            max_batch_size=max_batch_size_2d,
+            **common,
+        )
+        config_2d["slice_axis"] = 2
+        config_2d["spacing_mm"] = [*spacing, 1.0]
+        configurations = {"2d": config_2d}
+    else:
+        configurations = _configurations_3d(
+            median_shape,
+            spacing,
+            total_voxels=total_voxels,
+            max_patch_voxels=max_patch_voxels,
+            max_batch_size_3d=max_batch_size_3d,
+            max_batch_size_2d=max_batch_size_2d,
+            common=common,
+        )
+    return {
+        "format_version": PLANS_FORMAT_VERSION,
+        "dataset": dict(fingerprint["dataset"]),
+        "normalization": normalization,
+        "foreground_oversample": 1.0 / 3.0,
+        "augmentation": dict(AUGMENTATION_PRESETS[augmentation]),
+        "configurations": configurations,
+        "training": {
+            "optimizer": "adamw",
+            "learning_rate": 0.003,
+            "momentum": 0.99,
+            "nesterov": True,
+            "weight_decay": 3e-5,
+            "poly_exponent": 0.9,
+            "epochs": 1000,
+            "iterations_per_epoch": 100,
+            "validate_every": 5,
+            "cache_budget_gb": 4.0,
+        },
+    }
+
+
+def _configurations_3d(
+    median_shape: np.ndarray,
+    spacing: list[float],
+    *,
+    total_voxels: float,
+    max_patch_voxels: int,
+    max_batch_size_3d: int,
+    max_batch_size_2d: int,
+    common: Mapping[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """The ``3d`` and the slice-wise ``2d`` configuration of a dataset of volumes."""
     config_3d = _configuration(
         median_shape,
         spacing,
@@ -265,23 +323,4 @@ def make_plans(
     )
     config_2d["slice_axis"] = slice_axis
     config_2d["spacing_mm"] = list(spacing)
-    return {
-        "format_version": PLANS_FORMAT_VERSION,
-        "dataset": dict(fingerprint["dataset"]),
-        "normalization": normalization,
-        "foreground_oversample": 1.0 / 3.0,
-        "augmentation": dict(AUGMENTATION_PRESETS[augmentation]),
-        "configurations": {"3d": config_3d, "2d": config_2d},
-        "training": {
-            "optimizer": "adamw",
-            "learning_rate": 0.003,
-            "momentum": 0.99,
-            "nesterov": True,
-            "weight_decay": 3e-5,
-            "poly_exponent": 0.9,
-            "epochs": 1000,
-            "iterations_per_epoch": 100,
-            "validate_every": 5,
-            "cache_budget_gb": 4.0,
-        },
-    }
+    return {"3d": config_3d, "2d": config_2d}

@@ -4,7 +4,8 @@
 (:mod:`~medseg.training.options`), the cached cases and patch batches
 (:mod:`~medseg.training.data`), validation with the shared sliding-window engine
 (:mod:`~medseg.training.validation`) and the loop with its schedule, checkpoints and history
-(:mod:`~medseg.training.loop`). It builds on ``model`` and ``planning``.
+(:mod:`~medseg.training.loop`), run by one process or by several under ``torchrun``
+(:mod:`~medseg.training.distributed`). It builds on ``model`` and ``planning``.
 """
 
 from __future__ import annotations

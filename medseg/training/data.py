@@ -6,7 +6,8 @@
   is one, not on the training thread.
 * :class:`EpochBatches`: every iteration draws ``batch_size`` cases with a numpy generator seeded
   from ``(seed, epoch)`` and one foreground-oversampled, augmented patch of each (2D: a random
-  slice first). The stream depends only on ``(seed, epoch)``, so a run is reproducible on the CPU
+  slice first). The stream depends only on ``(seed, epoch)`` (and the rank, when several processes
+  train one model: :func:`epoch_seed`), so a run is reproducible on the CPU
   and resumable exactly, whether the batches are made on the training thread or in one background
   worker process (``loader_workers=1``, MONAI's ``DataLoader``), which then prepares the next
   batches while the network trains on the current one.
@@ -30,17 +31,29 @@ from medseg.errors import LabelValueError, MedsegUserError
 __all__ = ["CaseCache", "EpochBatches", "epoch_batches", "epoch_seed", "sample_batch"]
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's case sampling and augmentation: ``SeedSequence([seed, epoch])``."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, *, rank: int | None = None) -> int:
+    """The seed of one epoch's case sampling and augmentation: ``SeedSequence([seed, epoch])``.
+
+    With several training processes each rank draws its own patches: ``SeedSequence([seed, epoch,
+    rank])`` (``rank`` is given only when there is more than one process, so a single process
+    draws the same batches with or without torchrun).
+    """
+    entropy = [seed, epoch] if rank is None else [seed, epoch, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class _CacheItemd(MapTransform):
-    """Last step of the cache chain: check label values, keep plain tensors (uint8 labels)."""
+    """Last step of the cache chain: check label values, keep plain tensors (uint8 labels).
+
+    Label ids become class indices (the i-th smallest id -> i), so a network trains on ids such
+    as DRIVE's {0, 255}; prediction maps class indices back to ids. Contiguous ids are unchanged.
+    """
 
     def __init__(self, label_ids: Sequence[int]) -> None:
         super().__init__(("image", "label"), allow_missing_keys=True)
         self.label_ids = {int(i) for i in label_ids}
+        self.class_of = torch.zeros(max(self.label_ids) + 1, dtype=torch.uint8)
+        self.class_of[sorted(self.label_ids)] = torch.arange(len(self.label_ids), dtype=torch.uint8)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         label = data["label"]
@@ -54,7 +67,7 @@ class _CacheItemd(MapTransform):
         for key, value in data.items():
             if isinstance(value, torch.Tensor):
                 value = value.as_tensor() if hasattr(value, "as_tensor") else value
-                item[key] = value.to(torch.uint8) if key == "label" else value
+                item[key] = self.class_of[value.round().long()] if key == "label" else value
             elif isinstance(key, str) and key.endswith("_indices"):
                 item[key] = torch.as_tensor(np.asarray(value))
         return item
@@ -216,6 +229,10 @@ class EpochBatches(IterableDataset):
             yield sample_batch(self.cache, augment, indices, cfg=self.cfg, rng=rng, oversample=self.oversample)
 
 
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
 def epoch_batches(stream: EpochBatches, *, loader_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Iterate an epoch's batches on this thread (``loader_workers=0``) or in one background process.
 
@@ -228,6 +245,9 @@ def epoch_batches(stream: EpochBatches, *, loader_workers: int) -> Iterator[tupl
     loader = DataLoader(
         stream,
         batch_size=None,
+        # the stream yields finished (images, labels) batches: MONAI's default collate would stack the
+        # two into one tensor (which fails as soon as images have more channels than labels)
+        collate_fn=_batch_as_is,
         num_workers=1,
         prefetch_factor=2,
         persistent_workers=False,

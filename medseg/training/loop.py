@@ -3,7 +3,8 @@
 One fold of one configuration trains as follows (:func:`train`):
 
 1. Checks: the manifest has labelled training cases, the fold exists, the plans were made for
-   this dataset, label ids are contiguous, and every label map holds only the manifest's ids.
+   this dataset, and every label map holds only the manifest's ids (which become class indices
+   0..n-1 in sorted order, so DRIVE's {0, 255} trains as two classes).
 2. The fold's training and validation cases are preprocessed once (:mod:`medseg.transforms`) and
    kept in memory within ``cache_budget_gb`` (cases beyond it are preprocessed on each use).
 3. Every iteration draws ``batch_size`` cases (numpy ``default_rng((seed, epoch))``), and a random
@@ -24,6 +25,13 @@ Reproducibility: on the CPU the same seed gives the same weights, and ``resume=T
 exactly where ``checkpoint_last.pt`` stopped, because every epoch reseeds the case sampler, the
 augmentation and torch from ``(seed, epoch)``. With a ``time_limit_min`` the schedule depends on
 the wall clock, so such runs (and their resumption) are not bit-reproducible.
+
+Several processes (``ranks``, from ``torchrun``; :mod:`medseg.training.distributed`) train one
+model with ``DistributedDataParallel``: each rank draws its own ``batch_size`` patches per
+iteration (seeded from ``(seed, epoch, rank)``), so an iteration sees ``world_size * batch_size``
+patches; gradients are averaged over the ranks; rank 0 decides the wall-clock schedule and the
+stop, validates, and writes the checkpoints and history while the others wait. A resumed run
+needs the same number of processes (and, on several nodes, a run folder every node can read).
 
 Example:
     >>> result = train("data_manifests/msd_hippocampus.json", data_root="../shared/data/msd_hippocampus",
@@ -52,6 +60,7 @@ from medseg.model.device import select_device
 from medseg.model.windows import sliding_window_logits
 from medseg.planning.plans import check_plans_match, load_plans, validate_plans
 from medseg.training.data import CaseCache, EpochBatches, epoch_batches, epoch_seed
+from medseg.training.distributed import Ranks, agree, barrier, mean_over_ranks, process_group, rank_device
 from medseg.training.options import TrainOptions
 from medseg.training.state import loader_workers as choose_loader_workers
 from medseg.training.state import make_optimizer, rng_state, set_rng_state, write_history
@@ -78,6 +87,7 @@ def train(
     out_dir: str | os.PathLike[str],
     fold: int | str = 0,
     data_root: str | os.PathLike[str] | None = None,
+    ranks: Ranks | None = None,
     **options: Any,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Train one fold (or every fold, ``fold="all"``, into ``out_dir/fold_K``) of a configuration.
@@ -88,6 +98,8 @@ def train(
         out_dir: run folder (checkpoints, history.csv, resolved_config.json, plans.json).
         fold: fold index, or ``"all"`` to run every fold in turn.
         data_root: data root for a manifest path.
+        ranks: this process's place among several training one model (``torchrun``; see
+            :class:`~medseg.training.distributed.Ranks`); None: a single process.
         **options: the fields of :class:`~medseg.training.options.TrainOptions` (``config``,
             ``epochs``, ``time_limit_min``, ``device``, ``resume``, ``seed``, ``batch_size``,
             ``iterations_per_epoch``, ``validate_every``, ``learning_rate``,
@@ -95,12 +107,13 @@ def train(
 
     Returns:
         A summary dict per fold: ``out_dir``, ``epochs``, ``iterations``, ``elapsed_s``,
-        ``best_dice`` (mean), ``final_dice`` (per structure), ``best_epoch``.
+        ``best_dice`` (mean), ``final_dice`` (per structure), ``best_epoch`` (validation
+        results on rank 0 only).
 
     Raises:
         ManifestError: no labelled training cases, or the fold does not exist.
         LabelValueError: a label map holds ids the manifest does not list.
-        MedsegUserError: plans from another dataset, non-contiguous label ids, run folder in use,
+        MedsegUserError: plans from another dataset, a run folder in use,
             an unknown or invalid option.
     """
     unknown = sorted(set(options) - set(TrainOptions.__dataclass_fields__))
@@ -116,14 +129,24 @@ def train(
         fold = int(fold)
     threads_before = torch.get_num_threads()
     try:
-        if fold == "all":
-            if not manifest.folds:
-                raise ManifestError(f"{manifest.name}: no labelled training cases to split into folds")
-            return [
-                train_fold(manifest, plans=plans_dict, fold=k, out_dir=Path(out_dir) / f"fold_{k}", options=run_options)
-                for k in range(len(manifest.folds))
-            ]
-        return train_fold(manifest, plans=plans_dict, fold=int(fold), out_dir=Path(out_dir), options=run_options)
+        with process_group(ranks, device=rank_device(select_device(run_options.device), ranks)):
+            if fold == "all":
+                if not manifest.folds:
+                    raise ManifestError(f"{manifest.name}: no labelled training cases to split into folds")
+                return [
+                    train_fold(
+                        manifest,
+                        plans=plans_dict,
+                        fold=k,
+                        out_dir=Path(out_dir) / f"fold_{k}",
+                        options=run_options,
+                        ranks=ranks,
+                    )
+                    for k in range(len(manifest.folds))
+                ]
+            return train_fold(
+                manifest, plans=plans_dict, fold=int(fold), out_dir=Path(out_dir), options=run_options, ranks=ranks
+            )
     finally:
         torch.set_num_threads(threads_before)  # a run's --threads must not outlive it
 
@@ -135,10 +158,15 @@ def train_fold(
     fold: int,
     out_dir: Path,
     options: TrainOptions = TrainOptions(),
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
-    """Train one fold with ``options`` (see :func:`train`); ``torch.set_num_threads`` is the caller's to restore."""
+    """Train one fold with ``options`` (see :func:`train`); ``torch.set_num_threads`` is the caller's to restore.
+
+    With ``ranks``, the process group must be initialised (:func:`~medseg.training.distributed.process_group`).
+    """
     from monai.losses import DeepSupervisionLoss, DiceCELoss
     from monai.transforms import Compose
+    from torch.nn.parallel import DistributedDataParallel
     from tqdm.auto import tqdm
 
     from medseg.model.networks import build_network, deep_supervision_outputs
@@ -150,7 +178,11 @@ def train_fold(
     )
 
     config, epochs, time_limit_min = options.config, options.epochs, options.time_limit_min
-    seed, resume, progress = options.seed, options.resume, options.progress
+    seed, resume = options.seed, options.resume
+    main = ranks is None or ranks.is_main  # rank 0 validates, writes and reports
+    progress = options.progress and main
+    world_size = ranks.world_size if ranks is not None else 1
+    sampling_rank = ranks.rank if ranks is not None and ranks.world_size > 1 else None
     max_epochs_this_run = options.max_epochs_this_run
     start_clock = time.monotonic()
     # -- checks ---------------------------------------------------------------------------------
@@ -174,11 +206,6 @@ def train_fold(
     check_plans_match(plans, manifest)
     if config not in plans["configurations"]:
         raise MedsegUserError(f"plans have no configuration {config!r} (known: {sorted(plans['configurations'])})")
-    if not manifest.labels.is_contiguous:
-        raise MedsegUserError(
-            f"{manifest.name}: label ids {list(manifest.labels.ids)} are not 0..{manifest.labels.num_classes - 1}; "
-            "a network needs contiguous ids (map them with 'label_value_map' in the manifest)"
-        )
     cfg = plans["configurations"][config]
     settings = dict(plans.get("training", {}))
     lr0 = float(options.learning_rate if options.learning_rate is not None else settings.get("learning_rate", 0.01))
@@ -192,7 +219,7 @@ def train_fold(
     if options.num_threads is not None:
         torch.set_num_threads(int(options.num_threads))
     workers = options.workers or default_workers()
-    torch_device = select_device(options.device)
+    torch_device = rank_device(select_device(options.device), ranks)
     loader_workers = choose_loader_workers(options.loader_workers, device=torch_device)
     amp = torch_device.type == "cuda"
     resolved = {
@@ -206,6 +233,8 @@ def train_fold(
         "resume": resume,
         "seed": seed,
         "batch_size": batch,
+        "world_size": world_size,
+        "patches_per_iteration": batch * world_size,
         "iterations_per_epoch": per_epoch,
         "validate_every": val_every,
         "learning_rate": lr0,
@@ -220,9 +249,10 @@ def train_fold(
         "train_cases": [c.case_id for c in train_cases],
         "validation_cases": [c.case_id for c in val_cases],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(resolved, out_dir / "resolved_config.json")
-    write_json(plans, out_dir / "plans.json")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(resolved, out_dir / "resolved_config.json")
+        write_json(plans, out_dir / "plans.json")
 
     # -- data -----------------------------------------------------------------------------------
     budget = float(settings.get("cache_budget_gb", 4.0)) * 1024**3
@@ -241,12 +271,19 @@ def train_fold(
         budget_bytes=budget * 0.2,
         workers=workers,
     )
-    structures = [(s.name, s.label_ids) for s in manifest.labels.structures()]
+    # the cached labels hold class indices (the i-th smallest label id -> i; see CaseCache)
+    class_of = {label_id: index for index, label_id in enumerate(manifest.labels.ids)}
+    structures = [(s.name, tuple(class_of[i] for i in s.label_ids)) for s in manifest.labels.structures()]
     oversample = float(plans.get("foreground_oversample", 1.0 / 3.0))
 
     # -- model ----------------------------------------------------------------------------------
     torch.manual_seed(seed)
-    network = build_network(cfg, in_channels=len(manifest.channels), out_channels=manifest.labels.num_classes)
+    network = build_network(
+        cfg,
+        in_channels=len(plans["normalization"]),  # image channels: an RGB image is one manifest channel
+        out_channels=manifest.labels.num_classes,
+        backbone_weights=checkpoint is None,
+    )
     network.to(torch_device)
     memory_format = torch.channels_last_3d if int(cfg["spatial_dims"]) == 3 else torch.channels_last
     # channels-last is faster for oneDNN on the CPU (~15% per iteration here) as well as for AMP on CUDA
@@ -279,11 +316,37 @@ def train_fold(
                 f"{last_path}: run was started with seed {int(saved_seed)}; resume with the same --seed "
                 f"(got {seed}) or it would not continue the same run"
             )
+        saved_world_size = int(state.get("world_size", 1))
+        if saved_world_size != world_size:
+            raise MedsegUserError(
+                f"{last_path}: run was trained by {saved_world_size} process(es); resume it with as many "
+                f"(got {world_size}) or it would not continue the same run"
+            )
+    if ranks is not None:
+        # DDP's gradient buckets copy each parameter's strides, and the backward pass gives 1x1 kernels
+        # contiguous gradients: give those kernels contiguous strides too (the same memory either way)
+        for parameter in network.parameters():
+            if parameter.dim() > 2 and all(n == 1 for n in parameter.shape[2:]):
+                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+    # every rank starts from the same weights (DDP broadcasts rank 0's) and averages its gradients
+    model = (
+        DistributedDataParallel(network, device_ids=[torch_device] if torch_device.type == "cuda" else None)
+        if ranks is not None
+        else network
+    )
     poly = float(settings.get("poly_exponent", 0.9))
     run_clock = time.monotonic()
 
     def elapsed() -> float:
         return elapsed_before + time.monotonic() - run_clock
+
+    def decide_stop_and_rate(stop: bool) -> tuple[bool, float]:
+        """Stop now? and the learning rate: rank 0's answer on every rank when the wall clock decides."""
+        rate = lr0 * (1.0 - progress_fraction()) ** poly
+        if time_limit_s:  # clocks differ between ranks: one rank must not stop while another trains on
+            stop_flag, rate = agree([float(stop), rate], ranks=ranks, device=torch_device)
+            stop = stop_flag > 0.5
+        return stop, rate
 
     def progress_fraction() -> float:
         fractions = [0.0]
@@ -305,6 +368,7 @@ def train_fold(
             "history": history,
             "rng": rng_state(),
             "seed": seed,
+            "world_size": world_size,
         }
         if amp:
             training_state["scaler"] = scaler.state_dict()
@@ -328,7 +392,7 @@ def train_fold(
     )
     last_val: dict[str, float] = {}
     val_seconds = 0.0
-    if time_limit_s and len(val_cache):
+    if time_limit_s and len(val_cache) and main:
         # reserve the final validation inside the budget: time one case, scale to all of them
         for _ in range(2):  # the second call is timed: the first pays one-off start-up costs
             probe_start = time.monotonic()
@@ -346,7 +410,7 @@ def train_fold(
     finished = False
     while not finished:
         epoch_start = time.monotonic()
-        this_seed = epoch_seed(seed, epoch)
+        this_seed = epoch_seed(seed, epoch, rank=sampling_rank)
         torch.manual_seed(this_seed)
         stream = EpochBatches(
             train_cache,
@@ -358,15 +422,16 @@ def train_fold(
             oversample=oversample,
         )
         batches = epoch_batches(stream, loader_workers=loader_workers)
-        network.train()
+        model.train()
         losses = []
         for _ in range(per_epoch):
-            if (total_iterations and iteration >= total_iterations) or (
-                time_limit_s and elapsed() + val_seconds >= time_limit_s
-            ):
+            stop, lr = decide_stop_and_rate(
+                bool(total_iterations and iteration >= total_iterations)
+                or bool(time_limit_s and elapsed() + val_seconds >= time_limit_s)
+            )
+            if stop:
                 finished = True
                 break
-            lr = lr0 * (1.0 - progress_fraction()) ** poly
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, labels = next(batches)
@@ -374,7 +439,7 @@ def train_fold(
             images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=torch_device.type, dtype=torch.float16, enabled=amp):
-                outputs = deep_supervision_outputs(network(images), spatial_dims=int(cfg["spatial_dims"]))
+                outputs = deep_supervision_outputs(model(images), spatial_dims=int(cfg["spatial_dims"]))
                 loss = loss_fn([o.float() for o in outputs], labels)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -389,15 +454,20 @@ def train_fold(
         epochs_this_run += 1
         if (epochs is not None and epoch >= epochs) or (total_iterations and iteration >= total_iterations):
             finished = True
-        if time_limit_s and elapsed() + val_seconds >= time_limit_s:
-            finished = True
+        if time_limit_s:
+            finished = decide_stop_and_rate(finished or elapsed() + val_seconds >= time_limit_s)[0]
         row: dict[str, Any] = {
             "epoch": epoch,
             "iteration": iteration,
             "learning_rate": lr,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": mean_over_ranks(float(np.mean(losses)), ranks=ranks, device=torch_device),
             "epoch_time_s": round(time.monotonic() - epoch_start, 3),
         }
+        if not main:  # rank 0 validates and writes; the others wait for it
+            barrier(ranks)
+            if max_epochs_this_run is not None and epochs_this_run >= max_epochs_this_run:
+                break
+            continue
         if val_cases and (epoch % val_every == 0 or finished):
             val_start = time.monotonic()
             last_val = validate(
@@ -429,17 +499,21 @@ def train_fold(
             postfix["eta"] = f"{max(0.0, time_limit_s - elapsed()) / 60:.1f}min"
         bar.set_postfix(postfix)
         bar.update(1)
+        barrier(ranks)
         if max_epochs_this_run is not None and epochs_this_run >= max_epochs_this_run:
             break
     bar.close()
-    if not best_path.exists() and last_path.exists():
+    if main and not best_path.exists() and last_path.exists():
         # no validation (no validation cases): the last checkpoint is the best we know.
         save_checkpoint(load_checkpoint(last_path), best_path)
+    barrier(ranks)
     return {
         "out_dir": str(out_dir),
         "fold": fold,
         "config": config,
         "device": str(torch_device),
+        "world_size": world_size,
+        "rank": ranks.rank if ranks is not None else 0,
         "epochs": epoch,
         "iterations": iteration,
         "elapsed_s": round(elapsed(), 1),
