@@ -13,8 +13,10 @@ resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so the numbers 
 * ``fast``: the same synthetic CT predicted with the plans ``medseg plan --fast`` makes for it
   (:mod:`medseg.planning.fast`: 3 mm spacing, the planner's patch and topology at 3 mm, TTA off
   unless ``--fast-tta``), as TotalSegmentator's ``--fast``.
-* ``--runtime torch onnx`` (default both): every medseg scenario runs once per runtime, PyTorch and
-  the exported network in onnxruntime (:mod:`medseg.model.onnx_export`; the one-off export is timed
+* ``--runtime torch torch-float32 onnx`` (default all three): every medseg scenario runs once per
+  runtime: PyTorch at medseg's default precision (bfloat16 autocast on CPUs that compute it natively,
+  AMX / AVX512-BF16; float32 elsewhere), PyTorch in float32 (nnU-Net's CPU precision), and the
+  exported network in onnxruntime (:mod:`medseg.model.onnx_export`; the one-off export is timed
   apart, ``export_s``), and the table ends with the ratios nnU-Net / medseg per runtime.
 * ``nnunet``: nnU-Net v2's ``nnUNetPredictor.predict_single_npy_array`` on the same hippocampus cases
   with a PlainConvUNet of the same stages, features, kernels and strides (random weights), run with
@@ -63,9 +65,14 @@ def _segmenter(plans: dict, *, tta: bool, overlap: float, model: str | None, run
     from medseg.inference import Segmenter
     from medseg.model.networks import build_network
 
+    # "torch" runs at the default precision (bfloat16 autocast on CPUs with AMX / AVX512-BF16), "torch-float32" in float32
+    precision = "float32" if runtime == "torch-float32" else "auto"
+    runtime = "torch" if runtime == "torch-float32" else runtime
     if model:
         clock = time.perf_counter()
-        seg = Segmenter.from_checkpoint(model, device="cpu", tta=tta, overlap=overlap, runtime=runtime, threads=threads)
+        seg = Segmenter.from_checkpoint(
+            model, device="cpu", tta=tta, overlap=overlap, runtime=runtime, threads=threads, precision=precision
+        )
         return seg, time.perf_counter() - clock if runtime == "onnx" else 0.0
     labels = LabelSet.from_manifest(plans["dataset"]["labels"])
     torch.manual_seed(0)
@@ -79,7 +86,15 @@ def _segmenter(plans: dict, *, tta: bool, overlap: float, model: str | None, run
         model_bytes, _ = export_network(network, plans_config=cfg, in_channels=len(plans["normalization"]))
         network, export_s = OnnxNetwork(model_bytes, threads=threads), time.perf_counter() - clock
     seg = Segmenter(
-        [network], plans=plans, config="3d", labels=labels, device="cpu", tta=tta, overlap=overlap, runtime=runtime
+        [network],
+        plans=plans,
+        config="3d",
+        labels=labels,
+        device="cpu",
+        tta=tta,
+        overlap=overlap,
+        runtime=runtime,
+        precision=precision,
     )
     return seg, export_s
 
@@ -407,9 +422,10 @@ def main() -> None:
     parser.add_argument(
         "--runtime",
         nargs="+",
-        choices=["torch", "onnx"],
-        default=["torch", "onnx"],
-        help="medseg runtimes to measure (each medseg scenario runs once per runtime)",
+        choices=["torch", "torch-float32", "onnx"],
+        default=["torch", "torch-float32", "onnx"],
+        help="medseg runtimes to measure (each medseg scenario runs once per runtime); torch runs at the default "
+        "precision (bfloat16 autocast where the CPU computes it natively), torch-float32 in float32",
     )
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument(

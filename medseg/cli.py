@@ -395,6 +395,12 @@ def predict(
         "checkpoint) or auto (the one measured faster: torch for now, see medseg.model.onnx_export).",
     ),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads of torch and onnxruntime (0: their default)."),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="Network precision: auto (float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16, else float32), "
+        "mixed or float32.",
+    ),
     sam: Optional[Path] = typer.Option(
         None,
         "--sam",
@@ -446,6 +452,7 @@ def predict(
         dask_threads=dask_threads,
         runtime=runtime,
         threads=threads or None,
+        precision=precision,
     )
     if result.cases_per_worker:
         from medseg.evaluation.dask_runner import per_worker_text

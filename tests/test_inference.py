@@ -200,7 +200,7 @@ def test_prediction_and_validation_share_one_engine(config, tta):
     plans = tiny_plans()
     torch.manual_seed(1)
     network = build_network(plans["configurations"][config], in_channels=1, out_channels=3)
-    seg = segmenter(network, plans=plans, config=config, tta=tta)
+    seg = segmenter(network, plans=plans, config=config, tta=tta, precision="float32")  # validation's precision
     image = Volume(np.random.default_rng(2).normal(size=(1, 30, 25, 12)).astype(np.float32), oblique_affine())
     data = inference_transforms(plans, config)({"image": image})
     ours = seg._ensemble_probabilities(data["image"].as_tensor().float())
@@ -386,3 +386,27 @@ def test_cuda_prediction_with_amp_matches_cpu(tmp_path):
     gpu = gpu_seg.predict_probabilities(image)
     assert gpu.same_geometry(image)
     assert np.abs(gpu.array - cpu.array).max() < 2e-2  # float16 autocast
+
+
+def test_mixed_precision_runs_the_network_in_bfloat16_on_the_cpu_and_stays_close():
+    """``precision="mixed"`` autocasts the network to bfloat16 on the CPU; the blended probabilities stay float32
+    and close to float32's (bfloat16 keeps 8 mantissa bits: about 3 significant digits)."""
+    from medseg.model.networks import build_network
+
+    plans = tiny_plans()
+    torch.manual_seed(1)
+    network = build_network(plans["configurations"]["3d"], in_channels=1, out_channels=3)
+    seen: list[torch.dtype] = []
+    network.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    image = Volume(np.random.default_rng(2).normal(size=(1, 30, 25, 12)).astype(np.float32), oblique_affine())
+    exact = segmenter(network, plans=plans, precision="float32").predict_probabilities(image)
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    mixed_seg = segmenter(network, plans=plans, precision="mixed")
+    mixed = mixed_seg.predict_probabilities(image)
+    assert set(seen) == {torch.bfloat16}
+    assert mixed.array.dtype == exact.array.dtype == np.float32
+    assert np.abs(mixed.array - exact.array).max() < 0.05
+    assert mixed_seg.describe()["precision"] == "bfloat16"
+    with pytest.raises(MedsegUserError, match="precision must be one of"):
+        segmenter(network, plans=plans, precision="half")

@@ -56,7 +56,7 @@ def test_export_is_verified_and_has_dynamic_axes(tmp_path, capsys):
 def test_onnx_predictions_equal_torch(tmp_path, config):
     write_checkpoint(tmp_path / "run", config=config)
     image = _image()
-    by_torch = Segmenter.from_checkpoint(tmp_path / "run", device="cpu", tta=True, runtime="torch")
+    by_torch = Segmenter.from_checkpoint(tmp_path / "run", device="cpu", tta=True, runtime="torch", precision="float32")
     by_onnx = Segmenter.from_checkpoint(tmp_path / "run", device="cpu", tta=True, runtime="onnx", threads=1)
     assert by_onnx.runtime == "onnx" and isinstance(by_onnx.networks[0], OnnxNetwork)
     assert by_onnx.describe()["runtime"] == "onnx" and by_torch.describe()["runtime"] == "torch"

@@ -301,6 +301,7 @@ def predict_batch(
     refine: Any = None,
     runtime: str = "torch",
     threads: int | None = None,
+    precision: str = "auto",
 ) -> BatchResult:
     """Predict every case of ``input`` into ``output`` (see the module docstring).
 
@@ -337,6 +338,7 @@ def predict_batch(
             ``refinement`` (e.g. :class:`medseg.refine.apply.SamRefiner`). Not with Dask.
         runtime: ``"torch"``, ``"onnx"`` or ``"auto"`` (see :meth:`Segmenter.from_checkpoint`).
         threads: onnxruntime intra-op threads (None: one per core; Dask workers use ``dask_threads``).
+        precision: the network's precision, ``auto``, ``mixed`` or ``float32`` (see :meth:`Segmenter.from_checkpoint`).
 
     Returns:
         A :class:`BatchResult`; failed cases are listed there and in the record, not raised.
@@ -365,6 +367,7 @@ def predict_batch(
             postprocessing=postprocessing,
             runtime=runtime,
             threads=threads,
+            precision=precision,
         )
     # files per case: the dataset's channels (an RGB photograph is one file holding the 3 channels it normalises)
     file_channels = len(segmenter.plans["dataset"].get("channels") or segmenter.plans["normalization"])
@@ -462,6 +465,7 @@ def predict_batch(
                 "postprocessing": postprocessing,
                 "runtime": runtime,
                 "threads": dask_threads if runtime != "torch" else None,
+                "precision": precision,
             },
             checkpoint_hashes=[c["sha256"] for c in description["checkpoints"]],
             case_options=case_options,

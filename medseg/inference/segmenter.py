@@ -46,7 +46,7 @@ from medseg.inference.invert import probabilities_to_input_grid
 from medseg.inference.postprocess import POSTPROCESSING_FILE, apply_postprocessing, load_postprocessing
 from medseg.io.files import sha256_file
 from medseg.model.checkpoint import load_fold_checkpoints, resolve_checkpoints
-from medseg.model.device import select_device
+from medseg.model.device import autocast_dtype, select_device
 from medseg.model.networks import build_network
 from medseg.model.onnx_export import cached_onnx_network, choose_runtime
 from medseg.model.transforms import inference_transforms
@@ -105,6 +105,7 @@ class Segmenter:
         sw_batch_size: int | None = None,
         checkpoints: Sequence[tuple[str, str]] = (),
         runtime: str = "torch",
+        precision: str = "auto",
     ) -> None:
         if not networks:
             raise ValueError("Segmenter needs at least one network")
@@ -126,7 +127,11 @@ class Segmenter:
         self.checkpoints = [tuple(c) for c in checkpoints]
         self.runtime = runtime  # "torch", or "onnx" for onnxruntime networks (medseg.model.onnx_export)
         self.networks = [net.to(self.device).eval() for net in networks]
-        self.amp = self.device.type == "cuda"
+        # the network's autocast dtype: float16 on CUDA, bfloat16 on CPUs that compute it natively
+        # (AMX / AVX512-BF16); onnxruntime networks run float32 whatever is asked
+        self.precision = precision
+        self.amp_dtype = autocast_dtype(self.device, precision) if runtime == "torch" else None
+        self.amp = self.amp_dtype is not None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -142,6 +147,7 @@ class Segmenter:
         sw_batch_size: int | None = None,
         runtime: str = "torch",
         threads: int | None = None,
+        precision: str = "auto",
     ) -> Segmenter:
         """Load a checkpoint, a run folder, a folder of ``fold_K`` runs, or several of them (an ensemble).
 
@@ -159,6 +165,9 @@ class Segmenter:
                 first use and cached beside it, see :mod:`medseg.model.onnx_export`) or ``"auto"``
                 (the runtime measured faster, :func:`medseg.model.onnx_export.choose_runtime`).
             threads: onnxruntime intra-op threads (None: one per core).
+            precision: ``"auto"`` (mixed precision where the hardware computes it natively: float16
+                on CUDA, bfloat16 on CPUs with AMX or AVX512-BF16; float32 elsewhere), ``"mixed"`` or
+                ``"float32"`` (see :func:`medseg.model.device.autocast_dtype`).
 
         Raises:
             CheckpointError: not a checkpoint, truncated, newer format, or folds that disagree
@@ -209,6 +218,7 @@ class Segmenter:
             sw_batch_size=sw_batch_size,
             checkpoints=hashes,
             runtime=chosen,
+            precision=precision,
         )
 
     # -- public API -------------------------------------------------------------------------------
@@ -272,6 +282,7 @@ class Segmenter:
             "tta": self.tta,
             "overlap": self.overlap,
             "amp": self.amp,
+            "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
             "postprocessing": self.postprocessing,
             "runtime": self.runtime,
         }
@@ -332,7 +343,7 @@ class Segmenter:
             device=self.device,
             overlap=self.overlap,
             mirror=self.tta,
-            amp=self.amp,
+            amp_dtype=self.amp_dtype,
             sw_batch_size=self.sw_batch_size,
         )
 

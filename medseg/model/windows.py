@@ -53,11 +53,18 @@ def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
 class _MirroredLogits(nn.Module):
     """A network whose output is the mean logit over mirrored copies of its input (or one pass)."""
 
-    def __init__(self, network: nn.Module, *, flips: Sequence[tuple[int, ...]], amp: bool, device: torch.device):
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        flips: Sequence[tuple[int, ...]],
+        amp_dtype: torch.dtype | None,
+        device: torch.device,
+    ):
         super().__init__()
         self.network = network
         self.flips = list(flips)
-        self.amp = amp
+        self.amp_dtype = amp_dtype
         self.device = device
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
@@ -70,7 +77,9 @@ class _MirroredLogits(nn.Module):
         for start in range(0, len(self.flips), group):
             chunk = self.flips[start : start + group]
             inputs = torch.cat([torch.flip(x, axes) if axes else x for axes in chunk])
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            with torch.autocast(
+                device_type=self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            ):
                 out = self.network(inputs)
             out = out.float()
             for k, axes in enumerate(chunk):
@@ -94,6 +103,7 @@ def sliding_window_logits(
     overlap: float = 0.5,
     mirror: bool = False,
     amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
     sw_batch_size: int = 2,
     max_float32_bytes: int = MAX_FLOAT32_ACCUMULATOR_BYTES,
 ) -> torch.Tensor:
@@ -108,7 +118,9 @@ def sliding_window_logits(
         device: where the network runs; the result is on the CPU, or on ``device`` when it is CUDA.
         overlap: fraction of window overlap in [0, 1).
         mirror: mirroring test-time augmentation (logits averaged over flips of each window).
-        amp: float16 autocast of the network (CUDA only).
+        amp: float16 autocast of the network on CUDA (ignored on the CPU; training validation uses it).
+        amp_dtype: the autocast dtype to run the network in (see :func:`medseg.model.device.autocast_dtype`);
+            overrides ``amp`` when given. Logits are accumulated in float32 either way.
         sw_batch_size: windows per forward pass.
         max_float32_bytes: largest accumulator kept in float32; larger ones are float16.
 
@@ -148,8 +160,11 @@ def sliding_window_logits(
         sw_device=device,
         device=accumulate_on,
     )
-    amp = amp and device.type == "cuda"
-    predictor = _MirroredLogits(network, flips=mirror_axes(dims) if mirror else [()], amp=amp, device=device)
+    if amp_dtype is None and amp and device.type == "cuda":
+        amp_dtype = torch.float16
+    predictor = _MirroredLogits(
+        network, flips=mirror_axes(dims) if mirror else [()], amp_dtype=amp_dtype, device=device
+    )
     logits = inferer(batch, predictor)
     if hasattr(logits, "as_tensor"):
         logits = logits.as_tensor()
