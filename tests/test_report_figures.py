@@ -75,6 +75,11 @@ def test_report_reads_each_worst_case_once(tmp_path, monkeypatch) -> None:
     original = report_module.read_volume
     monkeypatch.setattr(report_module, "read_volume", lambda path, **kw: reads.append(path) or original(path, **kw))
     page = report_module.write_report(evaluation, tmp_path / "report.html").read_text()
+    assert reads == []  # the serial run kept the arrays it read: the report reads nothing again
+    kept_page = page
+    evaluation.label_arrays = {}  # as after workers: each worst case's files are read, once
+    page = report_module.write_report(evaluation, tmp_path / "report.html").read_text()
+    assert page == kept_page
     assert len(reads) == 2  # reference and prediction, once, for the five overlays of this case
     assert page.count('alt="overlay case"') == 5
     slices = [int(k) for k in re.findall(r"slice k=(\d+)", page)]

@@ -10,36 +10,46 @@ consensus (:mod:`~medseg.evaluation.raters`), matched lesion volumes and Blandâ€
 (:mod:`~medseg.evaluation.compare`), summaries with bootstrap CIs
 (:mod:`~medseg.evaluation.summary`) and the written tables, ``summary.json`` and ``report.html``
 (:mod:`~medseg.evaluation.report`, its pictures without matplotlib: :mod:`~medseg.evaluation.figures`).
-It builds on metrics, data, io and core, never on torch.
+It builds on metrics, data, io and core, never on torch. Names load on first use (PEP 562), so
+``medseg evaluate`` imports only what it runs.
 """
 
 from __future__ import annotations
 
-from medseg.evaluation.agreement import bland_altman, matched_lesion_volumes
-from medseg.evaluation.batch import Evaluation, evaluate
-from medseg.evaluation.case import PER_CASE_COLUMNS, EvaluationSettings, PairResult, evaluate_pair
-from medseg.evaluation.compare import Comparison, compare
-from medseg.evaluation.raters import StapleEstimate, majority_vote, staple, staple_probability
-from medseg.evaluation.report import summary_json, write_outputs, write_report
-from medseg.evaluation.summary import summarize
+import importlib
+from typing import Any
 
-__all__ = [
-    "PER_CASE_COLUMNS",
-    "Comparison",
-    "Evaluation",
-    "EvaluationSettings",
-    "PairResult",
-    "StapleEstimate",
-    "bland_altman",
-    "compare",
-    "evaluate",
-    "evaluate_pair",
-    "matched_lesion_volumes",
-    "majority_vote",
-    "staple",
-    "staple_probability",
-    "summarize",
-    "summary_json",
-    "write_outputs",
-    "write_report",
-]
+#: public name -> the module that defines it
+_LAZY: dict[str, str] = {
+    "bland_altman": "medseg.evaluation.agreement",
+    "matched_lesion_volumes": "medseg.evaluation.agreement",
+    "Evaluation": "medseg.evaluation.batch",
+    "evaluate": "medseg.evaluation.batch",
+    "PER_CASE_COLUMNS": "medseg.evaluation.case",
+    "EvaluationSettings": "medseg.evaluation.case",
+    "PairResult": "medseg.evaluation.case",
+    "evaluate_pair": "medseg.evaluation.case",
+    "Comparison": "medseg.evaluation.compare",
+    "compare": "medseg.evaluation.compare",
+    "StapleEstimate": "medseg.evaluation.raters",
+    "majority_vote": "medseg.evaluation.raters",
+    "staple": "medseg.evaluation.raters",
+    "staple_probability": "medseg.evaluation.raters",
+    "summary_json": "medseg.evaluation.report",
+    "write_outputs": "medseg.evaluation.report",
+    "write_report": "medseg.evaluation.report",
+    "summarize": "medseg.evaluation.summary",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medseg.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -64,6 +64,9 @@ from medseg.metrics.overlap import miou_from_confusion
 
 __all__ = ["Evaluation", "evaluate"]
 
+#: label arrays a serial run keeps in memory for the report's overlays (the most recent cases)
+KEPT_LABEL_BYTES = 256 * 2**20
+
 
 @dataclass
 class Evaluation:
@@ -81,6 +84,9 @@ class Evaluation:
         detections: per case x thing structure with scores, the detections record of the pooled
             (COCO dataset-level) AP; see :class:`~medseg.evaluation.case.PairResult`.
         cases_per_worker: cases scored by each Dask worker in this call (empty without Dask).
+        label_arrays: label arrays a serial run read, by file path, kept (up to
+            :data:`KEPT_LABEL_BYTES`, most recent first) so the report's worst-case overlays need
+            not read those files again; not part of the results.
     """
 
     per_case: pd.DataFrame
@@ -93,6 +99,7 @@ class Evaluation:
     settings: EvaluationSettings
     detections: list[dict[str, Any]] = field(default_factory=list)
     cases_per_worker: dict[str, int] = field(default_factory=dict)
+    label_arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def dataset_miou(self) -> float:
@@ -113,8 +120,17 @@ def _read_label(path: str, value_map: Mapping[int, int] | None = None) -> Volume
     return remap_labels(read_volume(path, kind="label"), value_map)
 
 
-def _run_job(job: CaseJob, settings: EvaluationSettings) -> dict[str, Any]:
+def _keep_arrays(kept: dict[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> None:
+    """Add ``arrays`` to ``kept`` and drop the oldest entries beyond :data:`KEPT_LABEL_BYTES`."""
+    kept.update(arrays)
+    while kept and sum(a.nbytes for a in kept.values()) > KEPT_LABEL_BYTES:
+        del kept[next(iter(kept))]
+
+
+def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Score one case (a top-level function: workers unpickle it by name).
+
+    ``kept``: in a serial run, the label arrays read are added to it (see :attr:`Evaluation.label_arrays`).
 
     A :class:`~medseg.errors.MedsegUserError` becomes ``error`` rows (with the reference's
     diagonal when the reference was read); any other exception is a bug and propagates.
@@ -148,6 +164,8 @@ def _run_job(job: CaseJob, settings: EvaluationSettings) -> dict[str, Any]:
             result["rows"] = empty_rows(job.case_id, settings, "missing_prediction", reference=reference)
             return result
         prediction = _read_label(job.prediction)
+        if kept is not None and not value_maps.get("rater1"):
+            _keep_arrays(kept, {job.reference: reference.array[0], job.prediction: prediction.array[0]})
         probabilities = read_volume(job.probabilities) if job.probabilities else None
         if probabilities is not None:
             check_same_grid(reference, probabilities, tolerance_mm=settings.tolerance_mm)
@@ -247,6 +265,7 @@ def evaluate(
     )
     dask = {"scheduler": scheduler, "local_workers": dask_local, "threads_per_worker": dask_threads}
     per_worker: dict[str, int] = {}
+    kept: dict[str, np.ndarray] = {}
     results = _run_jobs(
         jobs,
         settings,
@@ -255,9 +274,11 @@ def evaluate(
         progress=progress,
         dask=dask if scheduler is not None or dask_local is not None else None,
         per_worker=per_worker,
+        kept=kept,
     )
     evaluation = _assemble(results, settings, jobs, unpaired)
     evaluation.cases_per_worker = per_worker
+    evaluation.label_arrays = kept
     return evaluation
 
 
@@ -285,6 +306,7 @@ def _run_jobs(
     progress: bool,
     dask: dict[str, Any] | None = None,
     per_worker: dict[str, int] | None = None,
+    kept: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     settings_json = json.dumps(settings.to_json(), sort_keys=True, default=str)
     results: dict[str, dict[str, Any]] = {}
@@ -323,7 +345,7 @@ def _run_jobs(
             per_worker.update(counts)
     elif workers == 1 or len(todo) <= 1:
         for job, key in todo:
-            finish(job, key, _run_job(job, settings))
+            finish(job, key, _run_job(job, settings, kept))
     else:
         with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context()) as pool:
             futures = {pool.submit(_run_job, job, settings): (job, key) for job, key in todo}

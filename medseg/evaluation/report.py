@@ -302,8 +302,13 @@ def _worst_section(evaluation: Evaluation, worst: int) -> str:
         if not isinstance(case.reference, str) or not isinstance(case.prediction, str):
             continue
         try:
-            reference = read_volume(case.reference, kind="label").array[0]
-            prediction = read_volume(case.prediction, kind="label").array[0]
+            kept = evaluation.label_arrays  # what a serial run already read
+            reference = kept.get(case.reference)
+            if reference is None:
+                reference = read_volume(case.reference, kind="label").array[0]
+            prediction = kept.get(case.prediction)
+            if prediction is None:
+                prediction = read_volume(case.prediction, kind="label").array[0]
         except Exception:  # noqa: BLE001 - a broken overlay must not lose the report
             continue
         background = None
