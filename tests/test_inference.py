@@ -410,3 +410,16 @@ def test_mixed_precision_runs_the_network_in_bfloat16_on_the_cpu_and_stays_close
     assert mixed_seg.describe()["precision"] == "bfloat16"
     with pytest.raises(MedsegUserError, match="precision must be one of"):
         segmenter(network, plans=plans, precision="half")
+
+
+def test_an_image_without_foreground_predicts_background_in_its_geometry():
+    """An all-zero image leaves nothing after the foreground crop: background everywhere, not a crash."""
+    from medseg.model.networks import build_network
+
+    plans = tiny_plans()
+    network = build_network(plans["configurations"]["3d"], in_channels=1, out_channels=3)
+    image = Volume(np.zeros((1, 21, 18, 9), np.float32), oblique_affine())
+    result = segmenter(network, plans=plans).predict_full(image, probabilities=True)
+    assert result.labels.same_geometry(image) and not result.labels.array.any()
+    assert result.probabilities is not None and result.probabilities.array.shape == (3, 21, 18, 9)
+    assert np.array_equal(result.probabilities.array.sum(0), np.ones((21, 18, 9), np.float32))

@@ -107,16 +107,24 @@ def test_time_limit_ends_training_cleanly(dataset, tmp_path) -> None:
         manifest,
         plans=plans,
         out_dir=tmp_path / "timed",
-        time_limit_min=0.04,
+        time_limit_min=0.1,
         seed=0,
         **{**SMALL, "iterations_per_epoch": 1},
     )
     assert result["epochs"] >= 1
-    assert result["elapsed_s"] < 0.04 * 60 + 5
+    assert result["elapsed_s"] < 0.1 * 60 + 5
     rows = list(csv.DictReader(open(tmp_path / "timed" / "history.csv")))
     rates = [float(r["learning_rate"]) for r in rows]
     # poly schedule compressed into the budget
     assert rates == sorted(rates, reverse=True) and rates[-1] < plans["training"]["learning_rate"]
+
+
+def test_a_time_limit_shorter_than_the_final_validation_is_a_clear_error(dataset, tmp_path) -> None:
+    """A budget the final validation alone would use up trains nothing: say so instead of a silent 0 epochs."""
+    manifest, plans = dataset
+    with pytest.raises(MedsegUserError, match="leaves no time to train: the final validation of"):
+        train(manifest, plans=plans, out_dir=tmp_path / "short", time_limit_min=1e-5, seed=0, **SMALL)
+    assert not (tmp_path / "short" / "checkpoint_last.pt").exists()
 
 
 def test_two_d_configuration_and_all_folds(dataset, tmp_path) -> None:

@@ -243,6 +243,8 @@ class Segmenter:
         clock = time.perf_counter()
         image, pre_affine = self._preprocess(volume)
         timings["preprocess_s"] = time.perf_counter() - clock
+        if min(image.shape[1:], default=0) == 0:  # nothing but zeros: the foreground crop left no voxel
+            return self._background_only(volume, probabilities=probabilities, timings=timings)
         clock = time.perf_counter()
         probs = self._ensemble_probabilities(image)
         del image
@@ -267,6 +269,26 @@ class Segmenter:
         meta = _output_meta(volume)
         labels = Volume(label_array[None], volume.affine, kind="label", meta=meta)
         prob_volume = Volume(prob_array, volume.affine, kind="image", meta=meta) if prob_array is not None else None
+        return Prediction(
+            labels=labels, probabilities=prob_volume, timings_s={k: round(v, 4) for k, v in timings.items()}
+        )
+
+    def _background_only(self, volume: Volume, *, probabilities: bool, timings: dict[str, float]) -> Prediction:
+        """The prediction of an image without foreground (every voxel zero): background everywhere.
+
+        Preprocessing crops to the non-zero voxels, as nnU-Net does, so such an image leaves nothing
+        for the network; its labels are background (probability 1) in the input's exact geometry.
+        """
+        meta = _output_meta(volume)
+        shape = volume.spatial_shape
+        ids = list(self.labels.ids)  # ids[0] is the background class
+        dtype = np.uint8 if max(ids) < 256 else (np.int16 if max(ids) < 32768 else np.int32)
+        labels = Volume(np.full((1, *shape), ids[0], dtype=dtype), volume.affine, kind="label", meta=meta)
+        prob_volume = None
+        if probabilities:
+            prob_array = np.zeros((self.labels.num_classes, *shape), dtype=np.float32)
+            prob_array[0] = 1.0
+            prob_volume = Volume(prob_array, volume.affine, kind="image", meta=meta)
         return Prediction(
             labels=labels, probabilities=prob_volume, timings_s={k: round(v, 4) for k, v in timings.items()}
         )

@@ -406,6 +406,11 @@ def train_fold(
                 sw_batch_size=int(cfg.get("batch_size", 2)),
             )
         val_seconds = (time.monotonic() - probe_start) * len(val_cache) * 1.1
+        if iteration == 0 and elapsed() + val_seconds >= time_limit_s:
+            raise MedsegUserError(
+                f"--time-limit-min {time_limit_min:g} leaves no time to train: the final validation of "
+                f"{len(val_cache)} cases alone takes about {val_seconds / 60:.1f} min here; give more time"
+            )
     epochs_this_run = 0
     finished = False
     while not finished:
