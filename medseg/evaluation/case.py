@@ -196,8 +196,14 @@ def _index_map(volume: Volume, labels: LabelSet) -> np.ndarray:
         )
     array = array[0]
     low, high = int(array.min()), int(array.max())
-    if low < 0 or high > labels.max_id or not set(np.unique(array).tolist()) <= set(labels.ids):
+    # ids 0..n-1: the range check suffices; otherwise count the values present (cheaper than np.unique)
+    unknown: list[int] = []
+    if low < 0 or high > labels.max_id:
         unknown = sorted(set(np.unique(array).tolist()) - set(labels.ids))
+    elif not labels.is_contiguous:
+        present = np.flatnonzero(np.bincount(array.ravel(), minlength=labels.max_id + 1))
+        unknown = sorted(set(present.tolist()) - set(labels.ids))
+    if unknown:
         raise LabelValueError(
             f"{volume.meta.get('path', 'label map')}: label values {unknown[:8]} are not in the label map {list(labels.ids)}"
         )
