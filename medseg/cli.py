@@ -111,6 +111,12 @@ def evaluate(
         None, "--subset", help="Only cases of this manifest list (e.g. test_labelled)."
     ),
     no_report: bool = typer.Option(False, "--no-report", help="Skip report.html."),
+    baseline: Optional[Path] = typer.Option(
+        None,
+        "--baseline",
+        help="Predictions to compare against (e.g. the U-Net's, when --prediction holds SAM-refined output): "
+        "evaluated into OUT/baseline, then paired before/after in OUT/before_after (as `medseg compare`).",
+    ),
     scheduler: Optional[str] = typer.Option(
         None, "--scheduler", help="Score cases on the Dask cluster of this running `dask scheduler` (tcp://host:8786)."
     ),
@@ -124,9 +130,7 @@ def evaluate(
     from medseg.evaluation.report import write_outputs
     from medseg.evaluation.summary import summarize
 
-    evaluation = run_evaluation(
-        reference,
-        prediction,
+    options = dict(
         labels=labels,
         data_root=data_root,
         probabilities=probabilities,
@@ -137,12 +141,12 @@ def evaluate(
         resample_prediction=resample_prediction,
         subset=subset,
         workers=workers,
-        out=out,
         progress=sys.stderr.isatty(),
         scheduler=scheduler,
         dask_local=dask_local,
         dask_threads=dask_threads,
     )
+    evaluation = run_evaluation(reference, prediction, out=out, **options)  # type: ignore[arg-type]
     if evaluation.cases_per_worker:
         from medseg.evaluation.dask_runner import per_worker_text
 
@@ -160,6 +164,17 @@ def evaluate(
         f"evaluated {len(evaluation.cases)} cases ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
         f"dataset mIoU {evaluation.dataset_miou:.4f}; wrote {', '.join(p.name for p in written.values())} to {out}"
     )
+    if baseline is not None:
+        from medseg.evaluation.compare import compare as run_comparison
+
+        baseline_options = {**options, "probabilities": None}  # the probabilities given belong to --prediction
+        before = run_evaluation(reference, baseline, out=out / "baseline", **baseline_options)  # type: ignore[arg-type]
+        write_outputs(before, out / "baseline", report=not no_report)
+        comparison = run_comparison(out / "baseline", out, names=("baseline", prediction.name or "prediction"))
+        comparison.write(out / "before_after", report=not no_report)
+        for line in comparison.summary_lines():
+            typer.echo(line)
+        typer.echo(f"before/after: {out / 'before_after'}")
     if len(evaluation.failed):
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 

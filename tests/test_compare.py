@@ -315,3 +315,32 @@ def test_cli_refuses_to_write_into_an_evaluation_folder(tables, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is the evaluation folder" in err[0]
     assert (b / "report.html").read_text() == "the evaluation's report"
+
+
+def test_evaluate_with_a_baseline_writes_before_after_side_by_side(tmp_path) -> None:
+    """``medseg evaluate --baseline`` scores both folders with the same settings and pairs them (refined vs U-Net)."""
+    from medseg.core.volume import Volume
+    from medseg.io.volumes import write_volume
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        reference = np.zeros((20, 20, 8), np.uint8)
+        reference[5:15, 5:15, 2:6] = 1
+        better, worse = reference.copy(), np.roll(reference, 2 + index % 2, axis=0)
+        better[rng.integers(5, 15), 5, 2] = 0  # one voxel off: better than the shifted one
+        for folder, array in (("ref", reference), ("after", better), ("before", worse)):
+            write_volume(Volume(array[None], affine, kind="label"), tmp_path / folder / f"case_{index}.nii.gz")
+    (tmp_path / "labels.json").write_text(json.dumps({"labels": {"0": "background", "1": "tumour"}}))
+    code = main(
+        ["evaluate", "--reference", str(tmp_path / "ref"), "--prediction", str(tmp_path / "after")]
+        + ["--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "ev"), "--no-report"]
+        + ["--baseline", str(tmp_path / "before")]
+    )
+    assert code == 0
+    after = pd.read_csv(tmp_path / "ev" / "per_case.csv")
+    before = pd.read_csv(tmp_path / "ev" / "baseline" / "per_case.csv")
+    result = pd.read_csv(tmp_path / "ev" / "before_after" / "comparison.csv")
+    dice = result[(result["metric"] == "dice") & (result["structure"] == "tumour")].iloc[0]
+    assert dice["n"] == 4 and dice["wins"] == 4 and dice["n_a_only"] == dice["n_b_only"] == 0
+    assert math.isclose(dice["mean_diff"], after["dice"].mean() - before["dice"].mean(), abs_tol=1e-9)
