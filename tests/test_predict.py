@@ -71,6 +71,12 @@ def test_rerun_skips_complete_outputs_and_redoes_changed_ones(tmp_path):
     write_checkpoint(tmp_path / "other", seed=5)
     other = predict_batch(tmp_path / "other", inputs, out, device="cpu", tta=True, progress=False)
     assert len(other.predicted) == 3
+    # the network's precision changes labels (a few voxels in bfloat16): another precision predicts again
+    exact = predict_batch(tmp_path / "other", inputs, out, device="cpu", tta=True, progress=False, precision="float32")
+    mixed = predict_batch(tmp_path / "other", inputs, out, device="cpu", tta=True, progress=False, precision="mixed")
+    assert len(exact.predicted) + len(exact.skipped) == 3 and len(mixed.predicted) == 3  # float32 -> bfloat16
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["model"]["precision"] == "bfloat16"
 
 
 def test_manifest_input_with_subset_and_formats(tmp_path):

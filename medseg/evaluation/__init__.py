@@ -19,6 +19,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# ``compare`` is also a submodule's name: importing the submodule would rebind the package attribute to
+# the module, so the function is bound here, eagerly, and always wins
+from medseg.evaluation.compare import compare as compare
+
 #: public name -> the module that defines it
 _LAZY: dict[str, str] = {
     "bland_altman": "medseg.evaluation.agreement",
@@ -30,7 +34,6 @@ _LAZY: dict[str, str] = {
     "PairResult": "medseg.evaluation.case",
     "evaluate_pair": "medseg.evaluation.case",
     "Comparison": "medseg.evaluation.compare",
-    "compare": "medseg.evaluation.compare",
     "StapleEstimate": "medseg.evaluation.raters",
     "majority_vote": "medseg.evaluation.raters",
     "staple": "medseg.evaluation.raters",
@@ -41,7 +44,7 @@ _LAZY: dict[str, str] = {
     "summarize": "medseg.evaluation.summary",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "compare"])
 
 
 def __getattr__(name: str) -> Any:

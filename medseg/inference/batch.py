@@ -211,6 +211,9 @@ def _model_key(description: dict[str, Any], *, instances: bool, watershed: bool,
         "tta": description["tta"],
         "overlap": description["overlap"],
         "postprocessing": description["postprocessing"],
+        # both change the labels (bfloat16 vs float32: a few voxels), so a rerun with another one predicts again
+        "precision": description.get("precision", "float32"),
+        "runtime": description.get("runtime", "torch"),
         "instances": instances,
         "watershed": watershed,
         "save_probabilities": save_probabilities,
@@ -435,6 +438,8 @@ def predict_batch(
 
     def record_case(job: PredictionJob, entry: dict[str, Any]) -> None:
         """Record a finished case (the driver is the only writer of the record)."""
+        if entry["status"] == "ok":  # fingerprinted under the paths a rerun compares (Dask workers see resolved ones)
+            entry["inputs"] = [file_fingerprint(p) for p in job.images]
         record["cases"][job.case_id] = entry
         if entry["status"] == "ok":
             result.predicted.append(job.case_id)
@@ -463,9 +468,9 @@ def predict_batch(
                 "tta": tta,
                 "overlap": overlap,
                 "postprocessing": postprocessing,
-                "runtime": runtime,
+                "runtime": description["runtime"],  # as resolved here: every worker runs what the record says
                 "threads": dask_threads if runtime != "torch" else None,
-                "precision": precision,
+                "precision": "mixed" if description["precision"] != "float32" else "float32",
             },
             checkpoint_hashes=[c["sha256"] for c in description["checkpoints"]],
             case_options=case_options,

@@ -216,22 +216,13 @@ def write_dicom_seg(
         )
         description.SegmentDescription = f"label value {label_value}"
         descriptions.append(description)
-    segmentation = highdicom.seg.Segmentation(
-        source_images=sources,
-        pixel_array=frames,
-        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=highdicom.UID(),
-        series_number=series_number,
-        sop_instance_uid=highdicom.UID(),
-        instance_number=1,
-        manufacturer="medseg",
-        manufacturer_model_name="medseg",
-        software_versions=__version__,
-        device_serial_number="0",
-        series_description=series_description,
-        omit_empty_frames=omit_empty_frames,
-    )
+    try:
+        segmentation = _segmentation(
+            sources, frames, descriptions, series_number, series_description, omit_empty_frames
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as error:  # highdicom refuses this series
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InvalidFileError(f"{folder}: cannot make a DICOM-SEG of this series ({first[:200]})") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -303,3 +294,34 @@ def _reverse_first_axis(length: int) -> np.ndarray:
     flip[0, 0] = -1.0
     flip[0, 3] = length - 1
     return flip
+
+
+def _segmentation(
+    sources: list[Any],
+    frames: np.ndarray,
+    descriptions: list[Any],
+    series_number: int,
+    series_description: str,
+    omit_empty_frames: bool,
+) -> Any:
+    """The highdicom SEG object (BINARY) of ``frames`` over ``sources``; highdicom validates the series."""
+    import highdicom
+
+    from medseg import __version__
+
+    return highdicom.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=highdicom.UID(),
+        series_number=series_number,
+        sop_instance_uid=highdicom.UID(),
+        instance_number=1,
+        manufacturer="medseg",
+        manufacturer_model_name="medseg",
+        software_versions=__version__,
+        device_serial_number="0",
+        series_description=series_description,
+        omit_empty_frames=omit_empty_frames,
+    )

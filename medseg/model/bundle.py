@@ -278,6 +278,8 @@ def _cached_copy_ok(folder: Path, card_bytes: bytes) -> bool:
                 return False
             name = file.relative_to(folder).as_posix()
             if file.is_file() and name != CARD_FILE and name not in listed:
+                if ".partial" in file.name:  # an ONNX export another process is writing (atomic_path's temporary)
+                    continue
                 if not file.name.endswith(_CACHE_EXTRA_SUFFIXES) or file.name.startswith("."):
                     return False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -324,12 +326,24 @@ def open_bundle(
     staging.mkdir()
     try:
         _extract_verified(path, staging)
+        card = (staging / CARD_FILE).read_bytes()
         if final.exists():  # a stale or damaged copy (or one another process just finished)
-            if _cached_copy_ok(final, (staging / CARD_FILE).read_bytes()):
+            if _cached_copy_ok(final, card):
                 shutil.rmtree(staging)
                 return final
-            shutil.rmtree(final)
-        os.replace(staging, final)
+            # moved aside, not deleted in place: a process still reading it keeps its open files
+            with contextlib.suppress(OSError):
+                os.replace(final, root / f".{digest[:16]}.{uuid.uuid4().hex[:8]}.stale")
+        try:
+            os.replace(staging, final)
+        except OSError:  # another process put its verified copy there first
+            if not _cached_copy_ok(final, card):
+                raise
+            shutil.rmtree(staging)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(staging)
+        raise CheckpointError(f"{path}: cannot extract into {root} ({error.strerror or error})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             shutil.rmtree(staging)

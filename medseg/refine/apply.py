@@ -182,7 +182,8 @@ def predict_refined(
         overlap: sliding-window overlap.
         postprocessing: the U-Net's postprocessing (``"auto"``: the run's).
         max_change_fraction: override the fitted change limit.
-        **batch_options: further options of ``predict_batch`` (``data_root``, ``subset``, ``progress`` ...).
+        **batch_options: further options of ``predict_batch`` (``data_root``, ``subset``, ``progress`` ...);
+            ``runtime``, ``threads`` and ``precision`` go to the U-Net's :meth:`Segmenter.from_checkpoint`.
 
     Returns:
         The :class:`~medseg.inference.batch.BatchResult`.
@@ -192,14 +193,26 @@ def predict_refined(
     """
     from medseg.inference.batch import predict_batch
     from medseg.inference.segmenter import Segmenter
+    from medseg.model.bundle import is_bundle, open_bundle
 
+    network_options = {k: batch_options.pop(k) for k in ("runtime", "threads", "precision") if k in batch_options}
     segmenter = Segmenter.from_checkpoint(
-        model, which=which, device=device, tta=tta, overlap=overlap, postprocessing=postprocessing
+        model, which=which, device=device, tta=tta, overlap=overlap, postprocessing=postprocessing, **network_options
     )
-    place = (
-        Path(refinement) if refinement is not None else (Path(model).parent if Path(model).is_file() else Path(model))
-    )
+    if refinement is not None:
+        place = Path(refinement)
+    elif is_bundle(model):  # a model zip carries its refinement.json: read it from the verified extraction
+        place = open_bundle(model)
+    else:
+        place = Path(model).parent if Path(model).is_file() else Path(model)
     content = load_refinement(place, checkpoints=segmenter.checkpoints, sam_sha256=sam_fingerprint(sam)["sha256"])
+    fitted_unet = content.get("unet", {})
+    for option, value in (("tta", segmenter.tta), ("postprocessing", segmenter.postprocessing)):
+        if option in fitted_unet and fitted_unet[option] != value:  # the gate measured other U-Net output
+            raise CheckpointError(
+                f"{place}: refinement fitted with the U-Net's {option}={fitted_unet[option]!r}, but this prediction "
+                f"uses {value!r}; predict with the same options or run `medseg refine fit` again"
+            )
     if backend is None:
         backend = load_backend(sam, device=device)
     refiner = SamRefiner(content, backend, labels=segmenter.labels, max_change_fraction=max_change_fraction)
