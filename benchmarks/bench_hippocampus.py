@@ -12,6 +12,16 @@ Usage (from the repository root)::
 The equivalent command lines are ``medseg plan`` then ``medseg train ... --config 3d --fold 0
 --time-limit-min 30``; the benchmark only adds the plan edits given by its options (written to
 ``OUT/plans.json``, so the run can be reproduced with ``medseg train --plans OUT/plans.json``).
+
+The honest protocol (``--untouched-fold 4``): the validation cases of that fold of the manifest's
+5-fold split (42 of the 208 shared cases) are set aside before anything else happens. Planning,
+training and every choice use only the other cases (their own folds: ``--fold`` must differ); the
+final model (``checkpoint_last``, mirroring TTA, no postprocessing) then predicts the untouched
+cases once, in their own geometry, and the script prints their Dice per structure and the mean
+over structures with a bootstrap 95 % CI (2000 resamples of cases), beside nnU-Net's 5-fold CV::
+
+    python benchmarks/bench_hippocampus.py --data-root ../shared/data/msd_hippocampus \
+        --time-limit-min 30 --untouched-fold 4 --fold 0 --out runs/hippo_untouched
 """
 
 from __future__ import annotations
@@ -47,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validate-every", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument(
+        "--untouched-fold",
+        type=int,
+        default=None,
+        help="hold out this fold's validation cases from planning and training, and report Dice on them "
+        "at the end (the honest protocol; see the module docstring)",
+    )
+    parser.add_argument(
         "--evaluate-tta",
         action="store_true",
         help="afterwards, predict the validation cases in their own geometry with and without "
@@ -63,6 +80,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     manifest = load_manifest(args.manifest, data_root=args.data_root)
+    untouched: tuple = ()
+    if args.untouched_fold is not None:
+        if args.untouched_fold == args.fold:
+            parser.error("--fold must differ from --untouched-fold: its cases are never trained or validated on")
+        untouched = manifest.fold(args.untouched_fold)[1]
+        held_out = {case.case_id for case in untouched}
+        manifest = manifest.select([case.case_id for case in manifest.cases if case.case_id not in held_out])
+        print(
+            f"untouched split: {len(untouched)} cases of fold {args.untouched_fold}; planning and training use "
+            f"the other {len(manifest.cases)}",
+            flush=True,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     plans_path = args.out / "plans.json"
     start = time.monotonic()
@@ -135,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     val_times = [float(r["val_time_s"]) for r in rows if r.get("val_time_s")]
     if val_times:
         print(f"validation: {len(val_times)} runs, {val_times[-1]:.0f} s each ({result.get('device')})")
+    if untouched:
+        started = time.monotonic()
+        per_case = case_dice(run_dir, manifest, untouched, tta=True)
+        print(
+            f"\nuntouched split: {len(untouched)} cases never used for any choice, checkpoint_last, TTA, "
+            f"no postprocessing, input geometry ({time.monotonic() - started:.0f} s)"
+        )
+        print(f"{'structure':<12}{'medseg':>10}{'95% CI':>20}{'nnU-Net 3d_fullres CV':>24}")
+        references = {**NNUNET_3D_FULLRES_CV, "mean": sum(NNUNET_3D_FULLRES_CV.values()) / len(NNUNET_3D_FULLRES_CV)}
+        for name, (mean, low, high) in bootstrap_means(per_case).items():
+            print(f"{name:<12}{mean:>10.4f}{f'[{low:.4f}, {high:.4f}]':>20}{references.get(name, float('nan')):>24.4f}")
     if args.evaluate_tta:
         for tta in (False, True):
             started = time.monotonic()
@@ -147,11 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def validation_dice(run_dir: Path, manifest, *, fold: int, tta: bool) -> dict[str, float]:
-    """Mean Dice per structure (and their mean) of the run's final checkpoint over the fold's
-    validation cases, predicted in each image's own geometry and scored by the evaluation engine."""
-    import numpy as np
-
+def case_dice(run_dir: Path, manifest, cases, *, tta: bool) -> dict[str, list[float]]:
+    """Dice per structure and case of the run's final checkpoint, each case predicted in its own
+    geometry and scored by the evaluation engine."""
     from medseg.evaluation import EvaluationSettings, evaluate_pair
     from medseg.inference import Segmenter
     from medseg.io import read_channels, read_volume
@@ -159,10 +197,35 @@ def validation_dice(run_dir: Path, manifest, *, fold: int, tta: bool) -> dict[st
     segmenter = Segmenter.from_checkpoint(run_dir, which="last", tta=tta, postprocessing=None)
     settings = EvaluationSettings(labels=manifest.labels, include_regions=False)
     dice: dict[str, list[float]] = {}
-    for case in manifest.fold(fold)[1]:
+    for case in cases:
         prediction = segmenter.predict(read_channels(case.images), postprocess=False)
         for row in evaluate_pair(read_volume(case.label), prediction, settings=settings, case_id=case.case_id).rows:
             dice.setdefault(row["structure"], []).append(float(row["dice"]))
+    return dice
+
+
+def bootstrap_means(per_case: dict[str, list[float]], *, resamples: int = 2000, seed: int = 0) -> dict:
+    """``{structure or "mean": (mean, CI low, CI high)}``: the 95 % percentile bootstrap over cases;
+    "mean" is the per-case mean over structures, resampled the same way."""
+    import numpy as np
+
+    table = np.array([per_case[name] for name in per_case], dtype=np.float64).T  # (cases, structures)
+    columns = {name: table[:, k] for k, name in enumerate(per_case)}
+    columns["mean"] = np.nanmean(table, axis=1)
+    picks = np.random.default_rng(seed).integers(0, len(table), size=(resamples, len(table)))
+    result = {}
+    for name, values in columns.items():
+        means = np.nanmean(values[picks], axis=1)
+        result[name] = (float(np.nanmean(values)), *(float(q) for q in np.percentile(means, [2.5, 97.5])))
+    return result
+
+
+def validation_dice(run_dir: Path, manifest, *, fold: int, tta: bool) -> dict[str, float]:
+    """Mean Dice per structure (and their mean) of the run's final checkpoint over the fold's
+    validation cases, predicted in each image's own geometry and scored by the evaluation engine."""
+    import numpy as np
+
+    dice = case_dice(run_dir, manifest, manifest.fold(fold)[1], tta=tta)
     means = {name: float(np.nanmean(values)) for name, values in dice.items()}
     means["mean"] = float(np.mean(list(means.values())))
     return means
