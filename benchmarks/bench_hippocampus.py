@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -43,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, default=REPO / "data_manifests" / "msd_hippocampus.json")
     parser.add_argument("--out", type=Path, default=Path("runs/hippo_bench"))
     parser.add_argument("--time-limit-min", type=float, default=30.0)
-    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument(
+        "--fold",
+        default="0",
+        help="fold index; 'all': train on every (non-untouched) case; 'all-cv': every fold in turn, each "
+        "with --time-limit-min divided by the number of folds, predicted as an ensemble",
+    )
     parser.add_argument("--config", default="3d", choices=["3d", "2d"])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--device", default="auto")
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the plans' batch size")
     parser.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default: the plans'")
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights (default: the plans')")
     parser.add_argument("--iterations-per-epoch", type=int, default=None)
     parser.add_argument("--validate-every", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
@@ -70,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         "mirroring TTA (as nnU-Net's validation does) and score them with medseg's evaluation",
     )
     args = parser.parse_args(argv)
+    if args.fold not in ("all", "all-cv"):
+        if not args.fold.isdigit():
+            parser.error(f"--fold must be a number, 'all' or 'all-cv', got {args.fold!r}")
+        args.fold = int(args.fold)
+    if args.untouched_fold is None and isinstance(args.fold, str):
+        parser.error("--fold all/all-cv has no validation of its own here: use it with --untouched-fold")
 
     import torch
 
@@ -87,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         untouched = manifest.fold(args.untouched_fold)[1]
         held_out = {case.case_id for case in untouched}
         manifest = manifest.select([case.case_id for case in manifest.cases if case.case_id not in held_out])
+        if args.fold == "all-cv":  # the untouched fold is left empty: the ensemble has one fold fewer
+            manifest = dataclasses.replace(manifest, folds=tuple(f for f in manifest.folds if f))
         print(
             f"untouched split: {len(untouched)} cases of fold {args.untouched_fold}; planning and training use "
             f"the other {len(manifest.cases)}",
@@ -114,23 +129,30 @@ def main(argv: list[str] | None = None) -> int:
         save_json(plans, plans_path)
     plan_s = time.monotonic() - start
     run_dir = args.out / f"fold_{args.fold}"
-    result = train(
+    time_limit_min = args.time_limit_min
+    if args.fold == "all-cv":  # the same total budget, shared by the folds
+        time_limit_min = args.time_limit_min / len(manifest.folds)
+    results = train(
         manifest,
         plans=plans,
         config=args.config,
         fold=args.fold,
         out_dir=run_dir,
-        time_limit_min=args.time_limit_min,
+        time_limit_min=time_limit_min,
         device=args.device,
         seed=args.seed,
         resume=args.resume,
         iterations_per_epoch=args.iterations_per_epoch,
         validate_every=args.validate_every,
+        ema_decay=args.ema_decay,
     )
     total_s = time.monotonic() - start
-    rows = list(csv.DictReader(open(run_dir / "history.csv")))
+    # all-cv: the folds' figures summed (iterations, time) and the first fold's validation shown
+    result = results[0] if isinstance(results, list) else results
+    histories = [Path(r["out_dir"]) / "history.csv" for r in (results if isinstance(results, list) else [results])]
+    rows = [row for path in histories for row in csv.DictReader(open(path))]
     epoch_times = [float(r["epoch_time_s"]) for r in rows]
-    iterations = int(rows[-1]["iteration"]) if rows else 0
+    iterations = sum(int(list(csv.DictReader(open(path)))[-1]["iteration"]) for path in histories)
     train_s = sum(epoch_times)
     cfg = plans["configurations"][args.config]
     print()
@@ -168,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         per_case = case_dice(run_dir, manifest, untouched, tta=True)
         print(
-            f"\nuntouched split: {len(untouched)} cases never used for any choice, checkpoint_last, TTA, "
+            f"\nuntouched split: {len(untouched)} cases never used for any choice, checkpoint_last"
+            f"{' of every fold (ensemble)' if args.fold == 'all-cv' else ''}, TTA, "
             f"no postprocessing, input geometry ({time.monotonic() - started:.0f} s)"
         )
         print(f"{'structure':<12}{'medseg':>10}{'95% CI':>20}{'nnU-Net 3d_fullres CV':>24}")

@@ -282,7 +282,11 @@ def train(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder the manifest's paths are relative to."),
     plans: Path = typer.Option(..., "--plans", help="plans.json from `medseg plan`."),
     config: str = typer.Option("3d", "--config", help="3d or 2d."),
-    fold: str = typer.Option("0", "--fold", help="Fold index, or 'all' for every fold in turn."),
+    fold: str = typer.Option(
+        "0",
+        "--fold",
+        help="Fold index; 'all': every training case, no validation (nnU-Net's 'all'); 'all-cv': every fold in turn, into OUT/fold_K.",
+    ),
     out: Path = typer.Option(..., "--out", help="Run folder."),
     epochs: Optional[int] = typer.Option(
         None, "--epochs", min=1, help="Default: the plans' (unbounded with --time-limit-min)."
@@ -296,6 +300,13 @@ def train(
         None, "--max-epochs-this-run", min=1, help="Stop after this many epochs (the schedule still spans --epochs)."
     ),
     seed: int = typer.Option(0, "--seed"),
+    ema_decay: Optional[float] = typer.Option(
+        None,
+        "--ema-decay",
+        min=0.0,
+        max=0.9999,
+        help="Validate, checkpoint and predict with an exponential moving average of the weights (e.g. 0.999; 0: off). Default: the plans'.",
+    ),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     loader_workers: Optional[int] = typer.Option(
         None,
@@ -310,7 +321,7 @@ def train(
         help="Afterwards, choose keep-largest / remove-small rules on the validation cases (kept only where they raise Dice).",
     ),
 ) -> None:
-    """Train a planned U-Net on one fold (or all), with validation and checkpoints.
+    """Train a planned network on one fold (or all), with validation and checkpoints.
 
     Started by torchrun (`torchrun --nproc_per_node N -m medseg train ...`), the N processes train
     one model with DistributedDataParallel; rank 0 validates, writes and reports.
@@ -333,6 +344,7 @@ def train(
         device=device,
         resume=resume,
         seed=seed,
+        ema_decay=ema_decay,
         num_threads=threads or None,
         loader_workers=loader_workers,
         max_epochs_this_run=max_epochs_this_run,
@@ -347,7 +359,9 @@ def train(
         typer.echo(
             f"fold {run['fold']}: {run['epochs']} epochs, {run['elapsed_s']:.0f} s; validation Dice: {dice}; {run['out_dir']}"
         )
-    if postprocessing:
+    if postprocessing and fold == "all":
+        typer.echo("postprocessing: not chosen (fold 'all' has no validation cases); predict uses none")
+    elif postprocessing:
         from medseg.inference.crossval import determine_postprocessing_for_runs
 
         rules = determine_postprocessing_for_runs(

@@ -127,10 +127,70 @@ def test_a_time_limit_shorter_than_the_final_validation_is_a_clear_error(dataset
     assert not (tmp_path / "short" / "checkpoint_last.pt").exists()
 
 
+def test_ema_is_what_validation_checkpoints_and_resume_use(dataset, tmp_path) -> None:
+    """With ema_decay the checkpoint's model is the average, the trained weights resume exactly."""
+    manifest, plans = dataset
+    options = dict(epochs=3, seed=2, ema_decay=0.9, **SMALL)
+    train(manifest, plans=plans, out_dir=tmp_path / "straight", **options)
+    train(manifest, plans=plans, out_dir=tmp_path / "split", max_epochs_this_run=1, **options)
+    with pytest.raises(MedsegUserError, match="with an EMA"):
+        train(manifest, plans=plans, out_dir=tmp_path / "split", resume=True, **{**options, "ema_decay": 0.0})
+    train(manifest, plans=plans, out_dir=tmp_path / "split", resume=True, **options)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoint_last.pt")
+    assert straight["training"]["ema"] == {"decay": 0.9, "updates": 6} == split["training"]["ema"]
+    for key in ("model", "network"):
+        first = straight["model"] if key == "model" else straight["training"]["network"]
+        second = split["model"] if key == "model" else split["training"]["network"]
+        assert all(torch.equal(first[k], second[k]) for k in first)
+    # the average differs from the trained weights, and the trained weights are those of a run without EMA
+    assert any(not torch.equal(straight["model"][k], straight["training"]["network"][k]) for k in straight["model"])
+    plain = train(manifest, plans=plans, out_dir=tmp_path / "plain", epochs=3, seed=2, **SMALL)
+    plain_weights = _weights(tmp_path / "plain")
+    assert all(torch.equal(plain_weights[k], straight["training"]["network"][k]) for k in plain_weights)
+    assert "ema" not in load_checkpoint(tmp_path / "plain" / "checkpoint_last.pt")["training"]
+    assert plain["final_dice"] != {} and json.loads((tmp_path / "straight" / "resolved_config.json").read_text())[
+        "ema_decay"
+    ] == pytest.approx(0.9)
+
+
+def test_ema_update_rule() -> None:
+    """ema <- d_t ema + (1 - d_t) w with d_t = min(decay, (1 + t) / (10 + t)); integer entries copied."""
+    from medseg.training.ema import WeightAverage
+
+    net = torch.nn.BatchNorm1d(2)
+    average = WeightAverage(net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    net.num_batches_tracked.fill_(7)
+    average.update(net)  # t = 0: d = min(0.5, 0.1) = 0.1
+    assert torch.allclose(average.weights["weight"], 0.1 * start + 0.9 * 3.0)
+    assert int(average.weights["num_batches_tracked"]) == 7
+    for _ in range(20):
+        average.update(net)
+    with average.applied(net):
+        assert torch.allclose(net.weight, average.weights["weight"])
+    assert torch.equal(net.weight, torch.full((2,), 3.0))
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(net, decay=1.0)
+
+
+def test_fold_all_trains_on_every_case_without_validation(dataset, tmp_path) -> None:
+    manifest, plans = dataset
+    result = train(manifest, plans=plans, fold="all", out_dir=tmp_path / "all", epochs=1, **SMALL)
+    resolved = json.loads((tmp_path / "all" / "resolved_config.json").read_text())
+    assert resolved["fold"] == "all" and resolved["validation_cases"] == []
+    assert sorted(resolved["train_cases"]) == sorted(c.case_id for c in manifest.labelled_cases)
+    assert result["final_dice"] == {} and (tmp_path / "all" / "checkpoint_best.pt").is_file()
+    with pytest.raises(ManifestError, match="'all' or 'all-cv'"):
+        train(manifest, plans=plans, fold="every", out_dir=tmp_path / "x", epochs=1, **SMALL)
+
+
 def test_two_d_configuration_and_all_folds(dataset, tmp_path) -> None:
     manifest, plans = dataset
     sgd = {**plans, "training": {**plans["training"], "optimizer": "sgd", "learning_rate": 0.01}}
-    results = train(manifest, plans=sgd, config="2d", fold="all", out_dir=tmp_path / "cv", epochs=1, **SMALL)
+    results = train(manifest, plans=sgd, config="2d", fold="all-cv", out_dir=tmp_path / "cv", epochs=1, **SMALL)
     assert [r["fold"] for r in results] == [0, 1, 2, 3, 4]
     assert all((tmp_path / "cv" / f"fold_{k}" / "checkpoint_best.pt").is_file() for k in range(5))
     state = load_checkpoint(tmp_path / "cv" / "fold_0", which="last")["training"]["optimizer"]

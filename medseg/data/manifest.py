@@ -130,11 +130,14 @@ class Manifest:
         """NSD tolerance in mm for a structure name (manifest value or the 1 mm default)."""
         return float(self.nsd_tolerance_mm.get(structure, self.nsd_tolerance_mm.get("*", DEFAULT_NSD_TOLERANCE_MM)))
 
-    def fold(self, fold: int) -> tuple[tuple[Case, ...], tuple[Case, ...]]:
-        """(training cases, validation cases) of a cross-validation fold."""
+    def fold(self, fold: int | str) -> tuple[tuple[Case, ...], tuple[Case, ...]]:
+        """(training cases, validation cases) of a cross-validation fold; ``"all"`` (nnU-Net's fold
+        "all"): every labelled training case, and no validation cases."""
         if not self.folds:
             raise ManifestError(f"{self.name}: no labelled training cases to split into folds")
-        if not 0 <= fold < len(self.folds):
+        if fold == "all":
+            return tuple(c for c in self.labelled_cases if c.subset == "training"), ()
+        if not isinstance(fold, int) or not 0 <= fold < len(self.folds):
             raise ManifestError(f"{self.name}: fold {fold} does not exist (folds 0..{len(self.folds) - 1})")
         validation = set(self.folds[fold])
         trainable = [c for c in self.labelled_cases if c.subset == "training"]

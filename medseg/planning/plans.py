@@ -158,6 +158,8 @@ def validate_plans(plans: Any, *, source: str | os.PathLike[str] = "plans") -> d
     for key in ("epochs", "iterations_per_epoch", "validate_every"):
         if key in training and not _positive_ints([training[key]]):
             raise fail(f"training.{key}", f"must be a positive integer, got {training[key]!r}")
+    if "ema_decay" in training and not (_number(training["ema_decay"]) and 0.0 <= training["ema_decay"] < 1.0):
+        raise fail("training.ema_decay", f"must be a number in [0, 1), got {training['ema_decay']!r}")
     if "optimizer" in training and str(training["optimizer"]).lower() not in ("sgd", "adamw"):
         raise fail("training.optimizer", f"must be 'sgd' or 'adamw', got {training['optimizer']!r}")
     oversample = plans.get("foreground_oversample", 1.0 / 3.0)

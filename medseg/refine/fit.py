@@ -270,6 +270,11 @@ def fit_refinement(
     resolved_path = run / "resolved_config.json"
     if resolved_path.is_file():
         recorded_fold = read_json(resolved_path, what="run configuration").get("fold")
+        if recorded_fold == "all":
+            raise MedsegUserError(
+                f"{run}: the run was trained on every case (fold 'all'); fit on a fold run, "
+                "whose validation cases it never saw"
+            )
         if isinstance(recorded_fold, int) and recorded_fold != fold:
             raise MedsegUserError(
                 f"{run}: the run was trained on fold {recorded_fold}, not fold {fold}; "

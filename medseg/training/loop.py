@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,6 +62,7 @@ from medseg.model.windows import sliding_window_logits
 from medseg.planning.plans import check_plans_match, load_plans, validate_plans
 from medseg.training.data import CaseCache, EpochBatches, epoch_batches, epoch_seed
 from medseg.training.distributed import Ranks, agree, barrier, mean_over_ranks, process_group, rank_device
+from medseg.training.ema import WeightAverage
 from medseg.training.options import TrainOptions
 from medseg.training.state import loader_workers as choose_loader_workers
 from medseg.training.state import make_optimizer, rng_state, set_rng_state, write_history
@@ -71,12 +73,6 @@ __all__ = ["train", "train_fold"]
 _GRAD_CLIP = 12.0
 
 
-# ---------------------------------------------------------------------------------------------
-# small helpers
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
@@ -90,19 +86,21 @@ def train(
     ranks: Ranks | None = None,
     **options: Any,
 ) -> dict[str, Any] | list[dict[str, Any]]:
-    """Train one fold (or every fold, ``fold="all"``, into ``out_dir/fold_K``) of a configuration.
+    """Train one fold (``fold="all"``: every training case; ``"all-cv"``: every fold, into ``out_dir/fold_K``).
 
     Args:
         manifest: a Manifest, or a manifest path (with ``data_root``).
         plans: plans dict or ``plans.json`` path (from :func:`medseg.planning.plan_dataset`).
         out_dir: run folder (checkpoints, history.csv, resolved_config.json, plans.json).
-        fold: fold index, or ``"all"`` to run every fold in turn.
+        fold: fold index; ``"all"`` to train on every labelled training case with no validation
+            (nnU-Net's fold "all": a final model once the recipe is chosen); ``"all-cv"`` to train
+            every cross-validation fold in turn (an ensemble).
         data_root: data root for a manifest path.
         ranks: this process's place among several training one model (``torchrun``; see
             :class:`~medseg.training.distributed.Ranks`); None: a single process.
         **options: the fields of :class:`~medseg.training.options.TrainOptions` (``config``,
             ``epochs``, ``time_limit_min``, ``device``, ``resume``, ``seed``, ``batch_size``,
-            ``iterations_per_epoch``, ``validate_every``, ``learning_rate``,
+            ``iterations_per_epoch``, ``validate_every``, ``learning_rate``, ``ema_decay``,
             ``max_epochs_this_run``, ``num_threads``, ``workers``, ``progress``).
 
     Returns:
@@ -123,14 +121,14 @@ def train(
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest, data_root=data_root)
     plans_dict = load_plans(plans) if not isinstance(plans, Mapping) else dict(plans)  # validated per fold
-    if isinstance(fold, str) and fold != "all":
+    if isinstance(fold, str) and fold not in ("all", "all-cv"):
         if not fold.isdigit():
-            raise ManifestError(f"{manifest.name}: fold must be a number or 'all', got {fold!r}")
+            raise ManifestError(f"{manifest.name}: fold must be a number, 'all' or 'all-cv', got {fold!r}")
         fold = int(fold)
     threads_before = torch.get_num_threads()
     try:
         with process_group(ranks, device=rank_device(select_device(run_options.device), ranks)):
-            if fold == "all":
+            if fold == "all-cv":
                 if not manifest.folds:
                     raise ManifestError(f"{manifest.name}: no labelled training cases to split into folds")
                 return [
@@ -145,7 +143,7 @@ def train(
                     for k in range(len(manifest.folds))
                 ]
             return train_fold(
-                manifest, plans=plans_dict, fold=int(fold), out_dir=Path(out_dir), options=run_options, ranks=ranks
+                manifest, plans=plans_dict, fold=fold, out_dir=Path(out_dir), options=run_options, ranks=ranks
             )
     finally:
         torch.set_num_threads(threads_before)  # a run's --threads must not outlive it
@@ -155,7 +153,7 @@ def train_fold(
     manifest: Manifest,
     *,
     plans: Mapping[str, Any],
-    fold: int,
+    fold: int | str,
     out_dir: Path,
     options: TrainOptions = TrainOptions(),
     ranks: Ranks | None = None,
@@ -212,6 +210,7 @@ def train_fold(
     batch = int(options.batch_size or cfg["batch_size"])
     per_epoch = int(options.iterations_per_epoch or settings.get("iterations_per_epoch", 100))
     val_every = int(options.validate_every or settings.get("validate_every", 5))
+    ema_decay = float(options.ema_decay if options.ema_decay is not None else settings.get("ema_decay", 0.0))
     if epochs is None and time_limit_min is None:
         epochs = int(settings.get("epochs", 1000))
     total_iterations = epochs * per_epoch if epochs is not None else None
@@ -238,6 +237,7 @@ def train_fold(
         "iterations_per_epoch": per_epoch,
         "validate_every": val_every,
         "learning_rate": lr0,
+        "ema_decay": ema_decay,
         "max_epochs_this_run": max_epochs_this_run,
         "num_threads": torch.get_num_threads(),
         "workers": workers,
@@ -299,9 +299,17 @@ def train_fold(
     epoch, iteration, elapsed_before = 0, 0, 0.0
     best_dice, best_epoch = -1.0, -1
     history: list[dict[str, Any]] = []
+    average = WeightAverage(network, decay=ema_decay) if ema_decay > 0 else None
     if checkpoint is not None:
-        network.load_state_dict(checkpoint["model"])
         state = checkpoint["training"]
+        # with an EMA, "model" holds the average (what prediction uses) and the state the trained weights
+        network.load_state_dict(state.get("network", checkpoint["model"]))
+        if average is not None:
+            if "ema" not in state:
+                raise MedsegUserError(f"{last_path}: run was trained without an EMA; resume it without ema_decay")
+            average.restore(checkpoint["model"], state["ema"])
+        elif "ema" in state:
+            raise MedsegUserError(f"{last_path}: run was trained with an EMA; resume it with the same ema_decay")
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and amp:
             scaler.load_state_dict(state["scaler"])
@@ -372,8 +380,12 @@ def train_fold(
         }
         if amp:
             training_state["scaler"] = scaler.state_dict()
+        trained = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        if average is not None:
+            training_state["network"] = trained
+            training_state["ema"] = average.state()
         return {
-            "model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+            "model": average.cpu_weights() if average is not None else trained,
             "plans": plans,
             "config": config,
             "labels": manifest.labels.to_json(),
@@ -451,6 +463,8 @@ def train_fold(
             torch.nn.utils.clip_grad_norm_(network.parameters(), _GRAD_CLIP)
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update(network)
             losses.append(float(loss.detach()))
             iteration += 1
         if not losses:
@@ -475,15 +489,16 @@ def train_fold(
             continue
         if val_cases and (epoch % val_every == 0 or finished):
             val_start = time.monotonic()
-            last_val = validate(
-                network,
-                val_cache,
-                cfg=cfg,
-                structures=structures,
-                device=torch_device,
-                amp=amp,
-                num_classes=manifest.labels.num_classes,
-            )
+            with average.applied(network) if average is not None else nullcontext():
+                last_val = validate(
+                    network,
+                    val_cache,
+                    cfg=cfg,
+                    structures=structures,
+                    device=torch_device,
+                    amp=amp,
+                    num_classes=manifest.labels.num_classes,
+                )
             val_seconds = time.monotonic() - val_start
             row.update({f"val_dice_{k}": v for k, v in last_val.items()})
             row["val_time_s"] = round(val_seconds, 3)

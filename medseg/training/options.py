@@ -17,7 +17,7 @@ __all__ = ["TrainOptions"]
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Options of one training run (every fold of a ``fold="all"`` run shares them).
+    """Options of one training run (every fold of a ``fold="all-cv"`` run shares them).
 
     Attributes:
         config: ``"3d"`` or ``"2d"`` (a key of ``plans["configurations"]``).
@@ -30,6 +30,9 @@ class TrainOptions:
         iterations_per_epoch: iterations per epoch (default: the plans').
         validate_every: epochs between validations (default: the plans').
         learning_rate: initial learning rate (default: the plans').
+        ema_decay: keep an exponential moving average of the weights with this decay and validate,
+            checkpoint and predict with it (:mod:`medseg.training.ema`); 0 turns it off. Default:
+            the plans' ``training.ema_decay`` (0 when absent).
         max_epochs_this_run: stop after this many epochs in this call (the schedule still spans
             ``epochs``); resume later to continue.
         num_threads: torch CPU threads during training (restored afterwards); default unchanged.
@@ -49,6 +52,7 @@ class TrainOptions:
     iterations_per_epoch: int | None = None
     validate_every: int | None = None
     learning_rate: float | None = None
+    ema_decay: float | None = None
     max_epochs_this_run: int | None = None
     num_threads: int | None = None
     workers: int | None = None
@@ -72,6 +76,8 @@ class TrainOptions:
                 raise MedsegUserError(f"{name} must be a positive integer, got {value!r}")
         if self.loader_workers is not None and self.loader_workers not in (0, 1):
             raise MedsegUserError(f"loader_workers must be 0 or 1, got {self.loader_workers!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise MedsegUserError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise MedsegUserError(f"learning_rate must be > 0, got {self.learning_rate}")
 
