@@ -36,7 +36,7 @@ _LAZY: dict[str, str] = {
     "summarize": "medseg.evaluation.summary",
     "write_outputs": "medseg.evaluation.report",
     "write_report": "medseg.evaluation.report",
-    "compare": "medseg.evaluation.compare",
+    "compare": "medseg.evaluation.comparison",
     "resample_to": "medseg.core.resample",
     "majority_vote": "medseg.evaluation.raters",
     "staple": "medseg.evaluation.raters",

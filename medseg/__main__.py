@@ -1,8 +1,6 @@
 """``python -m medseg``: the command line (what ``torchrun -m medseg train ...`` starts on each rank)."""
 
-import sys
-
-from medseg.cli import main
+from medseg.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -16,7 +16,7 @@ import medseg
 from medseg.cli import main
 from medseg.errors import MedsegUserError
 from medseg.evaluation.case import EXTRA_COLUMNS, PER_CASE_COLUMNS
-from medseg.evaluation.compare import compare, holm, paired_statistics
+from medseg.evaluation.comparison import compare, holm, paired_statistics
 
 NAN = float("nan")
 CASES = [f"00{i}" for i in range(1, 9)]  # ids that look numeric: they must stay strings

@@ -92,6 +92,29 @@ def test_cache_beside_checkpoint_is_keyed_by_its_hash(tmp_path, monkeypatch):
     assert not list(run.glob(".*partial*"))  # written atomically
 
 
+def test_a_cache_with_matching_metadata_but_another_network_is_exported_again(tmp_path, monkeypatch):
+    """The metadata hash alone is not trusted: a file that computes something else is replaced."""
+    from medseg.io.files import sha256_file
+
+    run = write_checkpoint(tmp_path / "run").parent
+    other = write_checkpoint(tmp_path / "other", seed=9).parent
+    Segmenter.from_checkpoint(other, device="cpu", tta=False, runtime="onnx", threads=1)
+    forged = onnx_export._with_metadata(
+        (other / "checkpoint_last.onnx").read_bytes(),
+        {onnx_export.CHECKPOINT_SHA256_KEY: sha256_file(run / "checkpoint_last.pt")},
+    )
+    cache = onnx_cache_path(run / "checkpoint_last.pt")
+    cache.write_bytes(forged)
+    calls = []
+    real_export = onnx_export.export_network
+    monkeypatch.setattr(onnx_export, "export_network", lambda *a, **k: calls.append(1) or real_export(*a, **k))
+    Segmenter.from_checkpoint(run, device="cpu", tta=False, runtime="onnx", threads=1)
+    assert calls == [1] and cache.read_bytes() != forged
+    cache.write_bytes(b"not an onnx file")  # damaged: a miss, not an error
+    Segmenter.from_checkpoint(run, device="cpu", tta=False, runtime="onnx", threads=1)
+    assert calls == [1, 1]
+
+
 def test_runtime_choice_and_missing_onnxruntime(tmp_path, monkeypatch, capsys):
     assert choose_runtime("torch", device=torch.device("cpu")) == "torch"
     assert choose_runtime("auto", device=torch.device("cpu")) == ("onnx" if onnx_export.AUTO_PREFERS_ONNX else "torch")

@@ -749,3 +749,15 @@ def test_segment_command_text_with_a_trained_run_uses_its_label_map_and_synonyms
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "unknown structure name 'spleen'; the model's label map has: Anterior, Posterior" in err
+
+
+def test_medsam_pth_gets_medsams_input_transform():
+    """MedSAM's inference script: 1024 x 1024 square resize, [0, 1] pixels, no ImageNet mean/std."""
+    from medseg.refine.loading import pth_transform
+
+    medsam = pth_transform(Path("/models/MedSAM_vit_b.pth"), size=1024)
+    assert medsam.mode == "square" and medsam.mean == (0.0, 0.0, 0.0) and medsam.std == (1.0, 1.0, 1.0)
+    pixels = medsam.pixel_values(np.full((10, 20, 3), 255, np.uint8))
+    assert pixels.shape == (1, 3, 1024, 1024) and torch.allclose(pixels, torch.ones_like(pixels))
+    sam = pth_transform(Path("/models/sam_vit_b_01ec64.pth"), size=1024)
+    assert sam.mode == "longest_side" and sam.mean != (0.0, 0.0, 0.0)

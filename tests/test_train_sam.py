@@ -63,7 +63,17 @@ def test_train_sam_tiny_loss_falls_and_writes_a_loadable_checkpoint(tmp_path):
     assert record["val_cases"] and not set(record["val_cases"]) & set(record["train_cases"])
     assert {p.name for p in (tmp_path / "sam").iterdir()} >= {"config.json", "model.safetensors", "train_sam.json"}
     assert not list((tmp_path / "sam").glob(".partial*"))
+    # a second run replaces the folder as a whole: no file of the first run and no staging folder remain
+    (tmp_path / "sam" / "stale.txt").write_text("from before")
+    short = TrainSamOptions(steps=2, batch_size=2, validate_every=2, max_train_slices=4, max_val_slices=2, device="cpu")
+    again = train_sam("tiny", manifest=manifest, fold=0, out=tmp_path / "sam", options=short, progress=False)
+    assert again["steps_done"] == 2 and not (tmp_path / "sam" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert (tmp_path / "sam" / "model.safetensors").is_file()
     backend = load_sam(tmp_path / "sam", device="cpu")  # the loader every --sam command uses
+    from medseg.refine.train_sam import new_tiny_sam
+
+    assert backend.transform == new_tiny_sam(seed=0).transform  # saved with the pixels it was trained on
     trained = dict(backend.model.named_parameters())
     assert all(torch.isfinite(p).all() for p in trained.values())
     rgb = np.zeros((32, 32, 3), np.uint8)

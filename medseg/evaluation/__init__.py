@@ -7,7 +7,7 @@
 :mod:`~medseg.evaluation.dask_runner`), several raters and their
 consensus (:mod:`~medseg.evaluation.raters`), matched lesion volumes and Bland–Altman limits
 (:mod:`~medseg.evaluation.agreement`), paired comparison of two methods
-(:mod:`~medseg.evaluation.compare`), summaries with bootstrap CIs
+(:mod:`~medseg.evaluation.comparison`), summaries with bootstrap CIs
 (:mod:`~medseg.evaluation.summary`) and the written tables, ``summary.json`` and ``report.html``
 (:mod:`~medseg.evaluation.report`, its pictures without matplotlib: :mod:`~medseg.evaluation.figures`).
 It builds on metrics, data, io and core, never on torch. Names load on first use (PEP 562), so
@@ -19,10 +19,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# ``compare`` is also a submodule's name: importing the submodule would rebind the package attribute to
-# the module, so the function is bound here, eagerly, and always wins
-from medseg.evaluation.compare import compare as compare
-
 #: public name -> the module that defines it
 _LAZY: dict[str, str] = {
     "bland_altman": "medseg.evaluation.agreement",
@@ -33,7 +29,8 @@ _LAZY: dict[str, str] = {
     "EvaluationSettings": "medseg.evaluation.case",
     "PairResult": "medseg.evaluation.case",
     "evaluate_pair": "medseg.evaluation.case",
-    "Comparison": "medseg.evaluation.compare",
+    "Comparison": "medseg.evaluation.comparison",
+    "compare": "medseg.evaluation.comparison",
     "StapleEstimate": "medseg.evaluation.raters",
     "majority_vote": "medseg.evaluation.raters",
     "staple": "medseg.evaluation.raters",
@@ -44,7 +41,7 @@ _LAZY: dict[str, str] = {
     "summarize": "medseg.evaluation.summary",
 }
 
-__all__ = sorted([*_LAZY, "compare"])
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

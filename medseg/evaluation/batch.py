@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -152,6 +152,10 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
     }
     value_maps = {name: dict(pairs) for name, pairs in job.value_maps}
     reference: Volume | None = None
+    # the prediction is decoded on a second thread while this one reads the reference: zlib
+    # releases the GIL, so a pair of .nii.gz files takes about the time of one
+    reader = ThreadPoolExecutor(max_workers=1) if job.prediction is not None else None
+    pending = reader.submit(_read_label, job.prediction) if reader is not None else None
     try:
         reference = _read_label(job.reference, value_maps.get("rater1"))  # type: ignore[arg-type]
         raters = [("rater1", reference)] + [
@@ -163,7 +167,7 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
             result["status"] = "missing_prediction"
             result["rows"] = empty_rows(job.case_id, settings, "missing_prediction", reference=reference)
             return result
-        prediction = _read_label(job.prediction)
+        prediction = pending.result()  # type: ignore[union-attr]
         if kept is not None and not value_maps.get("rater1"):
             _keep_arrays(kept, {job.reference: reference.array[0], job.prediction: prediction.array[0]})
         probabilities = read_volume(job.probabilities) if job.probabilities else None
@@ -181,6 +185,9 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
         result["rows"] = empty_rows(job.case_id, settings, "error", str(error), reference=reference)
         result["lesions"], result["lesion_summary"], result["confusion"] = [], [], None
         result["per_rater"], result["detections"] = [], []
+    finally:
+        if reader is not None:
+            reader.shutdown(wait=True)  # a failed reference leaves no thread reading behind
     return result
 
 

@@ -201,7 +201,7 @@ def _index_map(volume: Volume, labels: LabelSet) -> np.ndarray:
     if low < 0 or high > labels.max_id:
         unknown = sorted(set(np.unique(array).tolist()) - set(labels.ids))
     elif not labels.is_contiguous:
-        present = np.flatnonzero(np.bincount(array.ravel(), minlength=labels.max_id + 1))
+        present = np.flatnonzero(np.bincount(array.ravel(order="K"), minlength=labels.max_id + 1))
         unknown = sorted(set(present.tolist()) - set(labels.ids))
     if unknown:
         raise LabelValueError(
@@ -212,7 +212,7 @@ def _index_map(volume: Volume, labels: LabelSet) -> np.ndarray:
     lookup = np.zeros(labels.max_id + 1, dtype=np.uint8 if len(labels.ids) < 256 else np.int32)
     for index, label_id in enumerate(labels.ids):
         lookup[label_id] = index
-    return lookup[array]
+    return lookup[array.T].T if array.flags.f_contiguous else lookup[array]  # keep the memory order
 
 
 def evaluate_pair(

@@ -1,4 +1,4 @@
-"""The outputs of a paired comparison (:mod:`medseg.evaluation.compare`): files, JSON, lines, HTML.
+"""The outputs of a paired comparison (:mod:`medseg.evaluation.comparison`): files, JSON, lines, HTML.
 
 * :func:`write_comparison`: ``comparison.csv``, ``pairs.csv``, ``comparison.json`` and
   ``report.html``, each written atomically.
@@ -125,7 +125,7 @@ def write_comparison_report(
     """Write the comparison's self-contained HTML report.
 
     Args:
-        content: the content of ``comparison.json`` (:meth:`~medseg.evaluation.compare.Comparison.to_json`).
+        content: the content of ``comparison.json`` (:meth:`~medseg.evaluation.comparison.Comparison.to_json`).
         table: the comparison table (one row per structure x metric).
         pairs: the paired per-case values.
         path: the ``report.html`` to write.

@@ -16,7 +16,7 @@ import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -103,8 +103,12 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(temporary, index=False)
 
 
-def write_outputs(evaluation: Evaluation, out: str | Path, *, report: bool = True) -> dict[str, Path]:
+def write_outputs(
+    evaluation: Evaluation, out: str | Path, *, report: bool = True, summary: pd.DataFrame | None = None
+) -> dict[str, Path]:
     """Write every table, ``summary.json`` and (optionally) ``report.html`` into ``out``, atomically.
+
+    ``summary`` is ``summarize(evaluation.per_case)`` when the caller already has it.
 
     Returns:
         Mapping of output name -> path written.
@@ -124,11 +128,12 @@ def write_outputs(evaluation: Evaluation, out: str | Path, *, report: bool = Tru
         if name in ("per_case", "cases") or not frame.empty:
             _write_csv(frame, out / f"{name}.csv")
             written[name] = out / f"{name}.csv"
-    summary = summarize(evaluation.per_case)  # once, for summary.json and the report
-    write_json(summary_json(evaluation, summary=summary), out / "summary.json")
+    summary = summarize(evaluation.per_case) if summary is None else summary  # once, for both
+    content = summary_json(evaluation, summary=summary)
+    write_json(content, out / "summary.json")
     written["summary"] = out / "summary.json"
     if report:
-        written["report"] = write_report(evaluation, out / "report.html", summary=summary)
+        written["report"] = write_report(evaluation, out / "report.html", summary=summary, content=content)
     return written
 
 
@@ -184,15 +189,21 @@ def table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
 
 
 def write_report(
-    evaluation: Evaluation, path: str | Path, *, worst: int = 5, summary: pd.DataFrame | None = None
+    evaluation: Evaluation,
+    path: str | Path,
+    *,
+    worst: int = 5,
+    summary: pd.DataFrame | None = None,
+    content: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a self-contained HTML report (summary table, box plots, worst-case overlays).
 
-    ``summary`` is ``summarize(evaluation.per_case)`` when the caller already has it.
+    ``summary`` is ``summarize(evaluation.per_case)`` and ``content`` the matching
+    :func:`summary_json` when the caller already has them.
     """
     path = Path(path)
     summary = summarize(evaluation.per_case) if summary is None else summary
-    content = summary_json(evaluation, summary=summary)
+    content = summary_json(evaluation, summary=summary) if content is None else content
     per_case = evaluation.per_case
     compact = pd.DataFrame()
     statuses = pd.DataFrame()
@@ -265,6 +276,8 @@ def _label_boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None] | None:
     """Bounding box of every label value (index ``value - 1``): one pass in C; None for unusual maps."""
     if labels.ndim != 3 or labels.dtype.kind not in "ui" or labels.min(initial=0) < 0:
         return None
+    if labels.flags.f_contiguous and not labels.flags.c_contiguous:  # a NIfTI map: walk memory in order
+        return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T)]
     return ndimage.find_objects(labels)
 
 

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,16 @@ def _markdown(card: Mapping[str, Any], files: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _snapshot(path: Path, copy: Path) -> Path:
+    """Copy ``path`` to ``copy`` (a missing or unreadable file is a one-line error naming ``path``)."""
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(path, copy)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read ({error.strerror or error})") from None
+    return copy
+
+
 def export_model(
     runs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
@@ -204,9 +215,18 @@ def export_model(
     training_data: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="medseg-export-") as staging_name:
         staging = Path(staging_name)
-        contents = load_fold_checkpoints(paths)
+        # each checkpoint is copied once and everything below reads the copy: a run still training
+        # replaces its checkpoint (atomically) at any time, and the hash must be of the file packed
+        snapshots = [_snapshot(path, staging / f"fold_{index}" / path.name) for index, path in enumerate(paths)]
+        try:
+            contents = load_fold_checkpoints(snapshots)
+        except CheckpointError as error:  # name the user's file, not the copy
+            message = str(error)
+            for path, copy in zip(paths, snapshots):
+                message = message.replace(str(copy), str(path))
+            raise CheckpointError(message) from None
         first = contents[0]
-        for index, (path, content) in enumerate(zip(paths, contents)):
+        for index, (path, snapshot, content) in enumerate(zip(paths, snapshots, contents)):
             folder = f"fold_{index}"
             training = content.get("training") if isinstance(content.get("training"), Mapping) else {}
             last_path = path.parent / "checkpoint_last.pt"
@@ -214,7 +234,7 @@ def export_model(
             if path.name != last_path.name and last_path.is_file():
                 last_training = load_checkpoint(last_path).get("training")
                 history = last_training.get("history") if isinstance(last_training, Mapping) else history
-            files[f"{folder}/{path.name}"] = path  # as trained: read above with weights_only=True
+            files[f"{folder}/{path.name}"] = snapshot  # as trained: read above with weights_only=True
             write_json(content["plans"], staging / folder / "plans.json")
             files[f"{folder}/plans.json"] = staging / folder / "plans.json"
             resolved = _read_json(path.parent / "resolved_config.json")
@@ -229,7 +249,7 @@ def export_model(
                     "folder": folder,
                     "fold": content.get("fold", resolved.get("fold")),
                     "source_run": path.parent.name,
-                    "source_checkpoint_sha256": sha256_file(path),
+                    "source_checkpoint_sha256": sha256_file(snapshot),
                     "epochs": training.get("epoch"),
                     "validation": _validation_metrics(history),
                     "validation_cases": len(resolved.get("validation_cases", [])) if resolved else None,

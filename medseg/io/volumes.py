@@ -100,7 +100,8 @@ def read_volume(path: str | os.PathLike[str], *, kind: VolumeKind = "image") -> 
 
     Args:
         path: a file in one of the formats above, or a folder holding a DICOM series.
-        kind: ``"image"`` (float32 array) or ``"label"`` (integer array, checked to be integral).
+        kind: ``"image"`` (float32 array, C-contiguous) or ``"label"`` (integer array, checked to be
+            integral; C- or Fortran-contiguous as stored: a NIfTI label map is not transposed).
 
     Returns:
         A :class:`~medseg.volume.Volume` whose ``meta`` holds ``path`` and ``format``.
@@ -144,9 +145,13 @@ def read_volume(path: str | os.PathLike[str], *, kind: VolumeKind = "image") -> 
         raise InvalidFileError(f"{path}: cannot read ({describe_error(error)})") from error
     meta["path"] = str(path)
     if kind == "label":
+        # a label map keeps the file's memory order (NIfTI stores x fastest, i.e. Fortran order): the
+        # metrics work in either order, and a transposing copy costs more than decoding the file
         array = as_label_array(array, source=str(path))
+        if not (array.flags.c_contiguous or array.flags.f_contiguous):
+            array = np.ascontiguousarray(array)
     else:
-        array = np.asarray(array, dtype=np.float32)
+        array = np.ascontiguousarray(array, dtype=np.float32)  # one pass: conversion and C order
     try:
         return Volume(array, affine, kind=kind, meta=meta)
     except ValueError as error:  # singular or non-finite affine, unsupported shape
@@ -202,7 +207,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         "nifti_qform": header.get_qform().tolist(),
         "nifti_sform": header.get_sform().tolist(),
     }
-    return np.ascontiguousarray(array), np.asarray(image.affine, dtype=np.float64), meta
+    return array, np.asarray(image.affine, dtype=np.float64), meta  # the file's (Fortran) order: see read_volume
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -14,7 +14,9 @@
 * **Cache** (:func:`cached_onnx_network`): ``checkpoint_last.pt`` is exported on first use to
   ``checkpoint_last.onnx`` beside it (written atomically), carrying the checkpoint's SHA-256 and
   :data:`ONNX_EXPORT_VERSION` in its metadata; a cache made for another checkpoint hash or export
-  version is exported again. A folder that cannot be written keeps the export in memory only.
+  version is exported again, and a cache whose metadata match is used only after one random window
+  through it and through PyTorch agrees within the tolerance (a file edited or damaged since is
+  exported again). A folder that cannot be written keeps the export in memory only.
 * **Choosing the runtime** (:func:`choose_runtime`): ``auto`` is PyTorch unless
   :data:`AUTO_PREFERS_ONNX` says onnxruntime is the faster one on the CPU (then ``onnx`` whenever
   the network runs on the CPU and onnxruntime is installed; CUDA always keeps PyTorch with float16
@@ -261,7 +263,15 @@ def export_network(
         model, {"medseg_version": __version__, _META_VERSION: str(ONNX_EXPORT_VERSION), **(metadata or {})}
     )
     export_s = time.perf_counter() - clock
-    expected = network(example).float()
+    return model, _verify(model, network, example, source=source, threads=threads, export_s=export_s)
+
+
+def _verify(
+    model: bytes, network: nn.Module, example: torch.Tensor, *, source: str, threads: int | None, export_s: float
+) -> OnnxVerification:
+    """Run ``example`` through both and compare (see the module docstring); CheckpointError beyond tolerance."""
+    with torch.no_grad():
+        expected = network(example).float()
     got = OnnxNetwork(model, threads=threads)(example)
     if got.shape != expected.shape:
         raise CheckpointError(
@@ -275,14 +285,13 @@ def export_network(
             f"{source}: the ONNX export differs from PyTorch by {max_abs_diff:.3g} (tolerance {tolerance:.3g}); "
             "use --runtime torch"
         )
-    verification = OnnxVerification(
+    return OnnxVerification(
         max_abs_diff=max_abs_diff,
         tolerance=tolerance,
         max_abs_logit=max_abs_logit,
         input_shape=tuple(example.shape),
         export_s=round(export_s, 3),
     )
-    return model, verification
 
 
 def onnx_cache_path(checkpoint: str | os.PathLike[str]) -> Path:
@@ -327,7 +336,16 @@ def cached_onnx_network(
             model = b""
         metadata = _cached_metadata(model) if model else {}
         if metadata.get(CHECKPOINT_SHA256_KEY) == sha256 and metadata.get(_META_VERSION) == str(ONNX_EXPORT_VERSION):
-            return OnnxNetwork(model, threads=threads, metadata=metadata)
+            # the metadata names the checkpoint, but anyone could have written the file: one window
+            # through both runtimes proves it computes this network (else it is exported again)
+            network = network.to("cpu").eval()
+            patch = [int(p) for p in plans_config["patch_size"]]
+            example = torch.randn((1, in_channels, *patch), generator=torch.Generator().manual_seed(1))
+            try:
+                _verify(model, network, example, source=str(cache), threads=threads, export_s=0.0)
+                return OnnxNetwork(model, threads=threads, metadata=metadata)
+            except Exception:  # noqa: BLE001 - a cache that fails the check (or does not load) is a miss
+                pass
     model, _ = export_network(
         network,
         plans_config=plans_config,

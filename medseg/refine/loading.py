@@ -7,6 +7,13 @@
   ``sam2_video`` or ``sam3`` -- loaded with ``local_files_only=True``;
 * an original segment-anything / MedSAM ``.pth`` (:mod:`medseg.refine.sam_pth`).
 
+Pixels go in as each model was trained (:func:`pth_transform`, :func:`_transform`): SAM resizes the
+longest side to 1024, pads, and normalises by ImageNet's mean and std; MedSAM (a ``.pth`` whose
+file name contains "medsam", as ``medsam_vit_b.pth``) resizes to 1024 x 1024 and takes [0, 1]
+pixels with no mean/std, as MedSAM's own inference script does. A Hugging Face folder follows its
+``preprocessor_config.json`` (``do_normalize``, ``image_mean``/``image_std``, and medseg's
+``medseg_resize_mode`` that ``medseg train-sam`` writes).
+
 Nothing is ever downloaded. A missing path, an unreadable or truncated file, a folder of another
 model, or weights that do not fit the configuration are one-line
 :class:`~medseg.errors.CheckpointError` messages naming the path.
@@ -22,7 +29,7 @@ from typing import Any, Union
 from medseg.errors import CheckpointError
 from medseg.refine.backends import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, SamImageBackend
 
-__all__ = ["SAM_MODEL_TYPES", "SamBackend", "load_sam", "sam_kind"]
+__all__ = ["SAM_MODEL_TYPES", "SamBackend", "load_sam", "pth_transform", "sam_kind"]
 
 #: config.json model_type -> transformers class name
 SAM_MODEL_TYPES: dict[str, str] = {
@@ -92,7 +99,7 @@ def load_sam(path: str | os.PathLike[str], *, device: str = "auto") -> SamBacken
         from medseg.refine.sam_pth import load_sam_pth
 
         model = load_sam_pth(path)
-        transform = ImageTransform(size=int(model.config.vision_config.image_size), mode="longest_side")
+        transform = pth_transform(path, size=int(model.config.vision_config.image_size))
         return SamImageBackend(model, kind="sam", transform=transform, device=torch_device, source=str(path))
     model = _from_pretrained(path, kind)
     transform = _transform(path, kind, model.config)
@@ -146,6 +153,13 @@ def _input_size(config: Any) -> int:
     raise CheckpointError("config has no image_size")
 
 
+def pth_transform(path: Path, *, size: int) -> ImageTransform:
+    """The input transform of an original ``.pth``: MedSAM's when its file name says "medsam", else SAM's."""
+    if "medsam" in path.name.lower():
+        return ImageTransform(size=size, mode="square", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return ImageTransform(size=size, mode="longest_side")
+
+
 def _transform(path: Path, kind: str, config: Any) -> ImageTransform:
     """Resize mode from the family; mean/std from preprocessor_config.json when the folder has one."""
     mode = "longest_side" if kind in ("sam", "sam_hq") else "square"
@@ -168,6 +182,8 @@ def _transform(path: Path, kind: str, config: Any) -> ImageTransform:
         elif settings.get("image_mean") is not None and settings.get("image_std") is not None:
             mean = tuple(float(v) for v in settings["image_mean"])  # type: ignore[assignment]
             std = tuple(float(v) for v in settings["image_std"])  # type: ignore[assignment]
+        if settings.get("medseg_resize_mode") in ("square", "longest_side"):
+            mode = settings["medseg_resize_mode"]
     return ImageTransform(size=size, mode=mode, mean=mean, std=std)  # type: ignore[arg-type]
 
 

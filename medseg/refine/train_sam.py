@@ -270,16 +270,39 @@ def _validate(backend: SamImageBackend, samples: Sequence[_Sample]) -> float:
     return float(np.mean(dices))
 
 
-def _save_pretrained(model: Any, out: Path, *, source: str) -> None:
-    """``save_pretrained`` into a temporary folder beside ``out``, then each file moved in atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as temporary:
-        model.save_pretrained(temporary, safe_serialization=True)
-        processor = Path(source) / "preprocessor_config.json" if source != TINY else None
-        if processor is not None and processor.is_file():
-            shutil.copy2(processor, Path(temporary) / processor.name)
-        for file in Path(temporary).iterdir():
-            os.replace(file, out / file.name)
+def _save_pretrained(model: Any, folder: Path, *, source: str, transform: Any) -> None:
+    """``save_pretrained`` (safetensors) into ``folder``, with the input transform it was trained with.
+
+    A source folder's ``preprocessor_config.json`` is copied; otherwise (a ``.pth``, ``tiny``) one is
+    written from ``transform``, so the saved folder loads with the pixels it was trained on.
+    """
+    model.save_pretrained(folder, safe_serialization=True)
+    processor = Path(source) / "preprocessor_config.json" if source != TINY else None
+    if processor is not None and processor.is_file():
+        shutil.copy2(processor, folder / processor.name)
+        return
+    normalize = tuple(transform.mean) != (0.0, 0.0, 0.0) or tuple(transform.std) != (1.0, 1.0, 1.0)
+    settings = {"do_normalize": normalize, "medseg_resize_mode": transform.mode}
+    if normalize:
+        settings.update(image_mean=list(transform.mean), image_std=list(transform.std))
+    write_json(settings, folder / "preprocessor_config.json")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Put the finished ``staging`` folder at ``out`` by renames: ``out`` is never half written.
+
+    A previous ``out`` is moved aside first and deleted once the new folder is in place.
+    """
+    for file in staging.iterdir():  # the data on disk before the names point at it
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    previous = None
+    if out.exists():
+        previous = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.previous-"))
+        os.replace(out, previous / out.name)
+    os.replace(staging, out)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def train_sam(
@@ -378,8 +401,6 @@ def train_sam(
         if out_of_time:
             break
     bar.close()
-    out = Path(out)
-    _save_pretrained(model, out, source=str(sam))
     record = {
         "format": "medseg-train-sam",
         "start": str(sam),
@@ -401,10 +422,20 @@ def train_sam(
         "elapsed_s": round(time.monotonic() - start, 2),
         "saved": "last weights (never chosen on the validation cases, which refine fit measures on)",
     }
-    write_json(record, out / "train_sam.json")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["step", "loss", "val_dice", "elapsed_s"])
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(buffer.getvalue(), out / "history.csv")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # everything is written into a staging folder beside OUT, which then replaces OUT by renames
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; OUT is an ordinary folder
+    try:
+        _save_pretrained(model, staging, source=str(sam), transform=backend.transform)
+        write_json(record, staging / "train_sam.json")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["step", "loss", "val_dice", "elapsed_s"])
+        writer.writeheader()
+        writer.writerows(history)
+        write_text(buffer.getvalue(), staging / "history.csv")
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # already moved unless something failed
     return record
