@@ -242,7 +242,9 @@ def plan(
         help="Augmentation preset: light (default, for CPU-hour budgets), mirror, or nnunet (for ~1000 GPU epochs).",
     ),
     architecture: str = typer.Option(
-        "dynunet", "--architecture", help="Network of every configuration: dynunet, fcn or deeplabv3plus."
+        "dynunet",
+        "--architecture",
+        help="Network of every configuration: dynunet, fcn, deeplabv3plus or maskrcnn (2D configurations only).",
     ),
     fast: bool = typer.Option(
         False, "--fast", help="Plan for 3 mm spacing or coarser (TotalSegmentator's --fast): ~8x fewer voxels on CT."

@@ -319,3 +319,113 @@ def test_maskrcnn_builds_offline_with_trainable_norm_and_its_loss_falls_on_discs
     with torch.no_grad():
         out = net([sample()[0]])[0]
     assert set(out) >= {"boxes", "labels", "scores", "masks"} and out["masks"].shape[-2:] == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask R-CNN in the pipeline
+# ---------------------------------------------------------------------------------------------
+def test_maskrcnn_patch_targets_are_the_components_of_each_class() -> None:
+    """Each 8-connected component of each foreground class is one instance of that class."""
+    pytest.importorskip("torch")
+    from medseg.model.architectures.maskrcnn import patch_targets
+
+    labels = np.zeros((12, 14), np.int64)
+    labels[1:3, 1:3] = 1  # one square of class 1
+    labels[5, 5] = 1  # a one-pixel object
+    labels[6, 6] = 1  # touching diagonally: the same component
+    labels[8:11, 9:12] = 2
+    targets = patch_targets(labels)
+    assert sorted(targets["labels"].tolist()) == [1, 1, 2]
+    boxes = {tuple(b) for b in targets["boxes"].tolist()}
+    assert boxes == {(1.0, 1.0, 3.0, 3.0), (5.0, 5.0, 7.0, 7.0), (9.0, 8.0, 12.0, 11.0)}
+    assert int(targets["masks"].sum()) == int((labels > 0).sum())
+    empty = patch_targets(np.zeros((4, 4), np.int64))
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 4, 4)
+
+
+def test_maskrcnn_dense_scores_from_detections() -> None:
+    """score(c) = max over class-c detections of score x mask; background = 1 - max foreground."""
+    torch = pytest.importorskip("torch")
+    from medseg.model.architectures.maskrcnn import dense_log_scores
+
+    masks = torch.zeros((3, 1, 4, 4))
+    masks[0, 0, :2, :2] = 1.0
+    masks[1, 0, :2, :2] = 0.5
+    masks[2, 0, 2:, 2:] = 1.0
+    detections = [
+        {"scores": torch.tensor([0.9, 0.8, 0.6]), "labels": torch.tensor([1, 2, 1]), "masks": masks},
+        {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros((0, 1, 4, 4))},
+    ]
+    scores = dense_log_scores(detections, num_classes=3, shape=(4, 4)).exp()
+    assert scores.shape == (2, 3, 4, 4)
+    assert torch.isclose(scores[0, 1, 0, 0], torch.tensor(0.9)) and torch.isclose(scores[0, 2, 0, 0], torch.tensor(0.4))
+    assert torch.isclose(scores[0, 0, 0, 0], torch.tensor(0.1)) and torch.isclose(scores[0, 1, 3, 3], torch.tensor(0.6))
+    assert torch.isclose(scores[0, 0, 0, 3], torch.tensor(1.0))  # nothing detected there
+    assert torch.allclose(scores[1, 0], torch.ones(4, 4))  # no detection at all: background
+    assert scores[0].argmax(0)[0, 0] == 1 and scores[0].argmax(0)[3, 3] == 1 and scores[0].argmax(0)[0, 3] == 0
+
+
+def test_maskrcnn_is_planned_for_2d_configurations_only(dataset, tmp_path) -> None:
+    from medseg.planning import plan_dataset
+
+    manifest, plans = dataset
+    with pytest.raises(MedsegUserError, match="2D only"):
+        apply_architecture(plans["configurations"]["3d"], "maskrcnn")
+    cfg = apply_architecture(plans["configurations"]["2d"], "maskrcnn")
+    assert cfg["architecture"] == "maskrcnn" and all(p % 32 == 0 for p in cfg["patch_size"])
+    assert cfg["network"]["anchor_sizes"] == [8, 16, 32, 64, 128]
+    validate_plans({**plans, "configurations": {"2d": cfg}})
+    bad = {**cfg, "spatial_dims": 3, "patch_size": [32, 32, 32]}
+    with pytest.raises(MedsegUserError, match="2D only"):
+        validate_plans({**plans, "configurations": {"3d": bad}})
+    wrong = {**cfg, "network": {**cfg["network"], "anchor_sizes": [8, 16]}}
+    with pytest.raises(MedsegUserError, match="anchor_sizes"):
+        validate_plans({**plans, "configurations": {"2d": wrong}})
+    path = make_dataset(tmp_path / "data", num_cases=4, shape=(20, 22, 12))
+    written = plan_dataset(path, out=tmp_path / "plans.json", architecture="maskrcnn", workers=1)
+    assert list(written["configurations"]) == ["2d"]
+
+
+def test_maskrcnn_train_checkpoint_predict(dataset, tmp_path, one_torch_thread) -> None:
+    """plan -> train -> checkpoint -> predict (slice by slice, TTA) in the input's exact grid."""
+    _needs(2)
+    import torch
+
+    from medseg.inference import Segmenter
+    from medseg.io import read_volume
+    from medseg.model.checkpoint import load_checkpoint
+    from medseg.model.networks import build_network
+    from medseg.training import train
+
+    manifest, plans = dataset
+    cfg = apply_architecture(plans["configurations"]["2d"], "maskrcnn")
+    cfg["network"].update(proposals_per_image=64, rois_per_image=32, detections_per_image=20)
+    plans = {**plans, "configurations": {"2d": cfg}}
+    validate_plans(plans)
+    run = tmp_path / "run"
+    result = train(
+        manifest,
+        plans=plans,
+        config="2d",
+        fold=0,
+        out_dir=run,
+        epochs=1,
+        iterations_per_epoch=3,
+        validate_every=1,
+        batch_size=2,
+        progress=False,
+        device="cpu",
+    )
+    assert result["iterations"] == 3 and set(result["final_dice"]) >= {"mean"}
+    content = load_checkpoint(run / "checkpoint_best.pt")
+    rebuilt = build_network(content["plans"]["configurations"]["2d"], in_channels=1, out_channels=3)
+    rebuilt.load_state_dict(content["model"])
+    segmenter = Segmenter.from_checkpoint(run, device="cpu", tta=True)
+    image = read_volume(manifest.cases[0].images[0])
+    prediction = segmenter.predict(image)
+    assert prediction.spatial_shape == image.spatial_shape
+    assert np.array_equal(prediction.affine, image.affine)
+    assert set(np.unique(prediction.array)) <= {0, 1, 2}
+    with pytest.raises(MedsegUserError, match="does not export to ONNX"):
+        Segmenter.from_checkpoint(run, device="cpu", runtime="onnx")
+    assert torch.get_num_threads() == 1

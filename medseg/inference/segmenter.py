@@ -192,6 +192,8 @@ class Segmenter:
             networks.append(network)
             hashes.append((str(path), sha256_file(path)))
         chosen = choose_runtime(runtime, device=select_device(device))
+        if chosen == "onnx" and runtime == "auto" and not all(getattr(n, "onnx_exportable", True) for n in networks):
+            chosen = "torch"  # e.g. Mask R-CNN: "auto" means the runtime that can run it
         if chosen == "onnx":
             cfg = first["plans"]["configurations"][first["config"]]
             channels = len(first["plans"]["normalization"])

@@ -1,7 +1,7 @@
 """The network a plans configuration names, one builder for every architecture.
 
 A configuration's ``architecture`` (:mod:`medseg.planning.architectures`) picks the family:
-``dynunet`` (the default, built here), or ``fcn`` / ``deeplabv3plus``
+``dynunet`` (the default, built here), ``fcn`` / ``deeplabv3plus`` or ``maskrcnn``
 (:mod:`medseg.model.architectures`). For ``dynunet`` the ``network`` section names the U-Net and
 its topology:
 
@@ -61,6 +61,17 @@ def build_network(
     family = configuration_architecture(plans_config)
     if family not in ARCHITECTURE_NAMES:
         raise MedsegUserError(f"plans: unknown architecture {family!r} (known: {', '.join(ARCHITECTURE_NAMES)})")
+    if family == "maskrcnn":
+        from medseg.model.architectures import build_detection_architecture
+
+        return build_detection_architecture(
+            family,
+            network=network,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            patch_size=plans_config["patch_size"],
+            backbone_weights=backbone_weights,
+        )
     if family != "dynunet":
         from medseg.model.architectures import build_resnet_architecture
 

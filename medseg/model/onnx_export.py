@@ -252,6 +252,8 @@ def export_network(
         MedsegUserError: onnx or onnxruntime missing.
         CheckpointError: the export differs from PyTorch by more than the tolerance.
     """
+    if not getattr(network, "onnx_exportable", True):
+        raise MedsegUserError(f"{source}: a {type(network).__name__} does not export to ONNX; use --runtime torch")
     _import_onnxruntime()
     network = network.to("cpu").eval()
     patch = [int(p) for p in plans_config["patch_size"]]

@@ -10,6 +10,9 @@ absent in older plans, which then mean ``dynunet``):
 ``deeplabv3plus``   atrous ResNet encoder (the last stage dilated, output stride 16 in 2D and
                     8 in 3D) + ASPP with an image-pooling branch + a decoder that joins the
                     stride-4 features (Chen et al. 2018)
+``maskrcnn``        Mask R-CNN on a ResNet-FPN (He et al. 2017), 2D only: trained on the
+                    connected components of each foreground class as instances; a 3D volume
+                    is segmented slice by slice. Plans for it keep only 2D configurations.
 ==================  =========================================================================
 
 2D ResNets come from torchvision, 3D ones from MONAI; both are built with random weights (no
@@ -31,6 +34,7 @@ __all__ = [
     "ARCHITECTURE_NAMES",
     "BACKBONES",
     "DEFAULT_ARCHITECTURE",
+    "TWO_D_ONLY",
     "apply_architecture",
     "configuration_architecture",
     "patch_multiple",
@@ -39,11 +43,13 @@ __all__ = [
 ]
 
 #: architectures ``medseg plan --architecture`` accepts
-ARCHITECTURE_NAMES = ("dynunet", "fcn", "deeplabv3plus")
+ARCHITECTURE_NAMES = ("dynunet", "fcn", "deeplabv3plus", "maskrcnn")
 DEFAULT_ARCHITECTURE = "dynunet"
 #: ResNet depths the ResNet-based architectures accept as ``network.backbone``
 BACKBONES = ("resnet18", "resnet34", "resnet50")
-_RESNET_ARCHITECTURES = ("fcn", "deeplabv3plus")
+_RESNET_ARCHITECTURES = ("fcn", "deeplabv3plus", "maskrcnn")
+#: architectures with 2D configurations only
+TWO_D_ONLY = ("maskrcnn",)
 
 
 def configuration_architecture(cfg: Mapping[str, Any]) -> str:
@@ -56,9 +62,9 @@ def patch_multiple(architecture: str, network: Mapping[str, Any], spatial_dims: 
 
     ``fcn``: 32 in 2D (the encoder's total stride); 16 in 3D, where patches are small and the
     stride-32 stage may have a rounded-up size (its scores are resized to the stride-16 map).
-    ``deeplabv3plus``: its output stride.
+    ``deeplabv3plus``: its output stride. ``maskrcnn``: 32, the coarsest level of its FPN.
     """
-    if architecture == "fcn":
+    if architecture in ("fcn", "maskrcnn"):
         return 32 if spatial_dims == 2 else 16
     if architecture == "deeplabv3plus":
         return int(network.get("output_stride", 16 if spatial_dims == 2 else 8))
@@ -72,6 +78,18 @@ def resnet_network_section(architecture: str, spatial_dims: int, *, backbone: st
         "norm": "batch",
         "backbone_checkpoint": None,
     }
+    if architecture == "maskrcnn":
+        section.update(
+            {
+                "anchor_sizes": [8, 16, 32, 64, 128],  # lesion-sized (COCO's are 32-512)
+                "detections_per_image": 100,
+                "proposals_per_image": 1000,
+                "rois_per_image": 256,
+                "score_threshold": 0.5,  # an instance is kept at or above this score
+                "mask_threshold": 0.5,
+            }
+        )
+        return section
     if spatial_dims == 3:
         section["widths"] = [32, 64, 128, 256]  # half ResNet's 64..512: 3D convolutions cost 3x more per voxel
     if architecture == "deeplabv3plus":
@@ -96,6 +114,8 @@ def apply_architecture(cfg: Mapping[str, Any], architecture: str) -> dict[str, A
     architecture = architecture.lower()
     if architecture not in ARCHITECTURE_NAMES:
         raise MedsegUserError(f"unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURE_NAMES)})")
+    if architecture in TWO_D_ONLY and int(cfg["spatial_dims"]) != 2:
+        raise MedsegUserError(f"{architecture} is 2D only: it cannot take a {cfg['spatial_dims']}D configuration")
     out = dict(cfg)
     out["architecture"] = architecture
     if architecture == DEFAULT_ARCHITECTURE:
@@ -121,6 +141,8 @@ def validate_architecture(cfg: Mapping[str, Any], *, where: str, fail: Callable[
         return
     network = cfg["network"]
     dims = int(cfg["spatial_dims"])
+    if architecture in TWO_D_ONLY and dims != 2:
+        raise fail(f"{where}.architecture", f"{architecture} is 2D only, but spatial_dims is {dims}")
     if network.get("backbone") not in BACKBONES:
         raise fail(
             f"{where}.network.backbone", f"must be one of {', '.join(BACKBONES)}, got {network.get('backbone')!r}"
@@ -138,6 +160,19 @@ def validate_architecture(cfg: Mapping[str, Any], *, where: str, fail: Callable[
     checkpoint = network.get("backbone_checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise fail(f"{where}.network.backbone_checkpoint", "must be a file path or null")
+    if architecture == "maskrcnn":
+        anchors = network.get("anchor_sizes", [8, 16, 32, 64, 128])
+        if not (isinstance(anchors, list) and len(anchors) == 5 and all(_positive_int(a) for a in anchors)):
+            raise fail(
+                f"{where}.network.anchor_sizes", f"must be 5 positive integers (one per FPN level), got {anchors!r}"
+            )
+        for key in ("detections_per_image", "proposals_per_image", "rois_per_image"):
+            if key in network and not _positive_int(network[key]):
+                raise fail(f"{where}.network.{key}", f"must be a positive integer, got {network[key]!r}")
+        for key in ("score_threshold", "mask_threshold"):
+            value = network.get(key, 0.5)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
+                raise fail(f"{where}.network.{key}", f"must be a number in [0, 1], got {value!r}")
     if architecture == "deeplabv3plus":
         stride = network.get("output_stride", 16 if dims == 2 else 8)
         if stride not in (8, 16):
@@ -157,3 +192,7 @@ def validate_architecture(cfg: Mapping[str, Any], *, where: str, fail: Callable[
             f"{where}.patch_size",
             f"must be a multiple of {multiple} on every axis for {architecture} in {dims}D, got {cfg['patch_size']!r}",
         )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

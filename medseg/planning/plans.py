@@ -22,6 +22,7 @@ from medseg.io.files import read_json, write_json
 from medseg.planning.architectures import (
     ARCHITECTURE_NAMES,
     DEFAULT_ARCHITECTURE,
+    TWO_D_ONLY,
     apply_architecture,
     configuration_architecture,
     validate_architecture,
@@ -200,7 +201,8 @@ def plan_dataset(
         base_features: see :func:`make_plans`.
         augmentation: see :func:`make_plans`.
         architecture: the network of every configuration (:mod:`medseg.planning.architectures`):
-            ``dynunet`` (default), ``fcn`` or ``deeplabv3plus``.
+            ``dynunet`` (default), ``fcn``, ``deeplabv3plus`` or ``maskrcnn`` (2D configurations
+            only: the others are left out of the plans).
         fast: plan for a spacing no finer than 3 mm (:mod:`medseg.planning.fast`, as
             TotalSegmentator's ``--fast``).
 
@@ -218,8 +220,12 @@ def plan_dataset(
         augmentation=augmentation,
     )
     plans["configurations"] = {
-        name: apply_architecture(cfg, architecture) for name, cfg in plans["configurations"].items()
+        name: apply_architecture(cfg, architecture)
+        for name, cfg in plans["configurations"].items()
+        if architecture.lower() not in TWO_D_ONLY or int(cfg["spatial_dims"]) == 2
     }
+    if not plans["configurations"]:
+        raise MedsegUserError(f"{manifest_path}: no 2D configuration was planned, which {architecture} needs")
     out = Path(out)
     write_json(fingerprint, out.with_name("fingerprint.json"))
     write_json(plans, out)

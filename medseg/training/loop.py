@@ -162,12 +162,12 @@ def train_fold(
 
     With ``ranks``, the process group must be initialised (:func:`~medseg.training.distributed.process_group`).
     """
-    from monai.losses import DeepSupervisionLoss, DiceCELoss
     from monai.transforms import Compose
     from torch.nn.parallel import DistributedDataParallel
     from tqdm.auto import tqdm
 
-    from medseg.model.networks import build_network, deep_supervision_outputs
+    from medseg.model.networks import build_network
+    from medseg.model.objectives import make_objective
     from medseg.model.transforms import (
         default_workers,
         preprocessing,
@@ -289,12 +289,7 @@ def train_fold(
     # channels-last is faster for oneDNN on the CPU (~15% per iteration here) as well as for AMP on CUDA
     network.to(memory_format=memory_format)
     optimizer = make_optimizer(network, settings, lr0)
-    loss_fn = DeepSupervisionLoss(
-        DiceCELoss(
-            include_background=False, to_onehot_y=True, softmax=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
-        ),
-        weight_mode="exp",
-    )
+    objective = make_objective(network, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     epoch, iteration, elapsed_before = 0, 0, 0.0
     best_dice, best_epoch = -1.0, -1
@@ -338,7 +333,11 @@ def train_fold(
                 parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
     # every rank starts from the same weights (DDP broadcasts rank 0's) and averages its gradients
     model = (
-        DistributedDataParallel(network, device_ids=[torch_device] if torch_device.type == "cuda" else None)
+        DistributedDataParallel(
+            network,
+            device_ids=[torch_device] if torch_device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(network, "find_unused_parameters", False)),
+        )
         if ranks is not None
         else network
     )
@@ -456,8 +455,7 @@ def train_fold(
             images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=torch_device.type, dtype=torch.float16, enabled=amp):
-                outputs = deep_supervision_outputs(model(images), spatial_dims=int(cfg["spatial_dims"]))
-                loss = loss_fn([o.float() for o in outputs], labels)
+                loss = objective(model, images, labels)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(network.parameters(), _GRAD_CLIP)

@@ -3,6 +3,8 @@
 * :mod:`~medseg.model.architectures.encoders`: ResNet encoders (torchvision 2D, MONAI 3D).
 * :mod:`~medseg.model.architectures.fcn`: FCN-8s.
 * :mod:`~medseg.model.architectures.deeplabv3plus`: DeepLabV3+.
+* :mod:`~medseg.model.architectures.maskrcnn`: Mask R-CNN (2D), as a network that trains on
+  its own losses and predicts dense class scores.
 
 Every network maps ``(B, C, *patch)`` to logits ``(B, classes, *patch)`` at input resolution,
 the interface of :func:`medseg.model.networks.build_network`, so training, validation,
@@ -19,7 +21,7 @@ from torch import nn
 
 from medseg.errors import MedsegUserError
 
-__all__ = ["build_resnet_architecture"]
+__all__ = ["build_detection_architecture", "build_resnet_architecture"]
 
 
 def build_resnet_architecture(
@@ -76,3 +78,26 @@ def build_resnet_architecture(
             norm=norm,
         )
     raise MedsegUserError(f"plans: {architecture!r} is not a ResNet architecture")
+
+
+def build_detection_architecture(
+    architecture: str,
+    *,
+    network: Mapping[str, Any],
+    in_channels: int,
+    out_channels: int,
+    patch_size: Any,
+    backbone_weights: bool = False,
+) -> nn.Module:
+    """Build ``maskrcnn`` (2D) from a plans ``network`` section (see :mod:`.maskrcnn`)."""
+    if architecture != "maskrcnn":
+        raise MedsegUserError(f"plans: {architecture!r} is not a detection architecture")
+    from medseg.model.architectures.maskrcnn import build_maskrcnn_segmenter
+
+    return build_maskrcnn_segmenter(
+        network,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        patch_size=[int(p) for p in patch_size],
+        backbone_weights=backbone_weights,
+    )

@@ -1,11 +1,22 @@
 """Mask R-CNN (He et al., ICCV 2017) for 2D instances: builder, targets from instance maps and back.
 
-NOT YET WIRED INTO THE PIPELINE: ``maskrcnn`` is not an architecture ``medseg plan`` accepts. What
-exists and is tested (``tests/test_architectures.py``): the network with random weights, training
-targets from an instance map, and an instance map (plus one score per instance) from its
-detections. The plans entry, the instance training loop, slice-by-slice 3D prediction with
-instances linked across slices, the instance / panoptic / score-table outputs and the benchmark
-remain to be done.
+``medseg plan --architecture maskrcnn`` plans it (2D configurations only) and the pipeline trains,
+validates, predicts (slice by slice on a volume, with mirroring TTA and fold ensembles) and
+exports it like every other network, through :class:`MaskRCNNSegmenter`:
+
+* **training**: ``forward(images, labels)`` returns the detector's summed losses (RPN objectness
+  and boxes, box classification and regression, masks); the instances are the connected
+  components of each foreground class in the label patch (:func:`patch_targets`), each with
+  that class;
+* **inference**: ``forward(images)`` returns dense per-class log-scores at input size, so the
+  sliding-window engine, TTA and ensembles need nothing special: the score of class ``c`` at a
+  pixel is the largest ``detection score x mask probability`` of the class-``c`` detections
+  covering it, background is 1 minus the largest foreground score, and the log is taken after
+  a floor of 1e-6.
+
+Not done yet: instance maps, the panoptic map and a per-instance score table written by
+``medseg predict`` (linking a volume's per-slice instances across slices); the semantic output
+is what predict writes today.
 
 * :func:`build_maskrcnn`: torchvision's ``MaskRCNN`` on a ResNet-FPN built with ``weights=None``
   (nothing downloads), **trainable** batch norm (torchvision's default ``FrozenBatchNorm2d`` would
@@ -31,7 +42,14 @@ from torch import nn
 
 from medseg.errors import MedsegUserError
 
-__all__ = ["build_maskrcnn", "instance_targets", "instances_from_detections"]
+__all__ = [
+    "MaskRCNNSegmenter",
+    "build_maskrcnn",
+    "build_maskrcnn_segmenter",
+    "instance_targets",
+    "instances_from_detections",
+    "patch_targets",
+]
 
 
 def build_maskrcnn(
@@ -158,3 +176,103 @@ def instances_from_detections(
         kept_classes.append(int(labels[index]))
         instance_map[pixels] = len(kept_scores)
     return instance_map, kept_scores, kept_classes
+
+
+def patch_targets(labels: np.ndarray) -> dict[str, torch.Tensor]:
+    """Training targets of one 2D label patch of class indices: each connected component (8-connected)
+    of each foreground class is an instance of that class (:func:`instance_targets`)."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    instance_map = np.zeros(labels.shape, dtype=np.int32)
+    class_of: dict[int, int] = {}
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        components, count = ndimage.label(labels == value, structure=np.ones((3, 3), dtype=bool))
+        first = len(class_of) + 1
+        instance_map[components > 0] = components[components > 0] + (first - 1)
+        class_of.update({first + k: int(value) for k in range(count)})
+    return instance_targets(instance_map, class_of=class_of)
+
+
+class MaskRCNNSegmenter(nn.Module):
+    """A Mask R-CNN behind medseg's network interface (see the module docstring).
+
+    Args:
+        detector: torchvision's ``MaskRCNN`` (:func:`build_maskrcnn`).
+        num_classes: classes, background included (the detector's classes are these indices).
+    """
+
+    #: trained on ``forward(images, labels)`` (:func:`medseg.model.objectives.make_objective`)
+    computes_own_loss = True
+    #: DDP: an image batch without objects leaves the mask head unused
+    find_unused_parameters = True
+    #: onnxruntime cannot run it through medseg's export (its outputs are per-image lists)
+    onnx_exportable = False
+
+    def __init__(self, detector: nn.Module, *, num_classes: int) -> None:
+        super().__init__()
+        self.detector = detector
+        self.num_classes = int(num_classes)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Training (with ``labels`` ``(B, 1, H, W)``): the summed losses. Otherwise: ``(B, classes, H, W)`` log-scores."""
+        batch = [image.float().contiguous() for image in images]
+        if labels is not None:
+            targets = [
+                {k: v.to(images.device) for k, v in patch_targets(label[0].detach().cpu().numpy()).items()}
+                for label in labels
+            ]
+            losses = self.detector(batch, targets)
+            return sum(losses.values())
+        if self.training:
+            raise ValueError("MaskRCNNSegmenter in training mode needs labels")
+        detections = self.detector(batch)
+        return dense_log_scores(detections, num_classes=self.num_classes, shape=tuple(images.shape[-2:]))
+
+
+def dense_log_scores(
+    detections: Sequence[Mapping[str, torch.Tensor]], *, num_classes: int, shape: tuple[int, int]
+) -> torch.Tensor:
+    """``(B, classes, H, W)`` log-scores of each image's detections (see the module docstring)."""
+    first = next((d["masks"] for d in detections if len(d["masks"])), None)
+    device = first.device if first is not None else torch.device("cpu")
+    scores = torch.zeros((len(detections), num_classes, *shape), dtype=torch.float32, device=device)
+    for index, found in enumerate(detections):
+        if not len(found["scores"]):
+            continue
+        weighted = found["scores"].float()[:, None, None] * found["masks"][:, 0].float()
+        for value in found["labels"].unique().tolist():
+            if 0 < value < num_classes:
+                scores[index, value] = weighted[found["labels"] == value].amax(0)
+    scores[:, 0] = 1.0 - scores[:, 1:].amax(1) if num_classes > 1 else 1.0
+    return torch.log(scores.clamp_min(1e-6))
+
+
+def build_maskrcnn_segmenter(
+    network: Mapping[str, Any],
+    *,
+    in_channels: int,
+    out_channels: int,
+    patch_size: Sequence[int],
+    backbone_weights: bool = False,
+) -> MaskRCNNSegmenter:
+    """The :class:`MaskRCNNSegmenter` a plans ``network`` section describes (see
+    :func:`medseg.planning.architectures.resnet_network_section`)."""
+    detector = build_maskrcnn(
+        in_channels=in_channels,
+        num_classes=out_channels,
+        patch_size=patch_size,
+        backbone=str(network.get("backbone", "resnet18")),
+        anchor_sizes=tuple(int(a) for a in network.get("anchor_sizes", (8, 16, 32, 64, 128))),
+        detections_per_image=int(network.get("detections_per_image", 100)),
+        proposals_per_image=int(network.get("proposals_per_image", 1000)),
+        rois_per_image=int(network.get("rois_per_image", 256)),
+    )
+    checkpoint = network.get("backbone_checkpoint")
+    if backbone_weights and checkpoint:
+        from medseg.model.architectures.encoders import load_backbone_checkpoint
+
+        load_backbone_checkpoint(detector.backbone.body, checkpoint)
+    return MaskRCNNSegmenter(detector, num_classes=out_channels)
