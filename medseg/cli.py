@@ -90,6 +90,11 @@ def evaluate(
     probabilities: Optional[Path] = typer.Option(
         None, "--probabilities", help="Folder of probability maps (scores lesions for AP)."
     ),
+    scores: Optional[Path] = typer.Option(
+        None,
+        "--scores",
+        help="Folder of a detection model's instance maps and score tables (OUT/instances of `medseg predict` with a maskrcnn model): its lesions and scores (AP).",
+    ),
     resample_prediction: bool = typer.Option(
         False,
         "--resample-prediction",
@@ -135,6 +140,7 @@ def evaluate(
         labels=labels,
         data_root=data_root,
         probabilities=probabilities,
+        scores=scores,
         things=things or None,
         nsd_tolerance_mm=nsd_tolerance_mm,
         match=match,  # type: ignore[arg-type]
@@ -169,7 +175,7 @@ def evaluate(
     if baseline is not None:
         from medseg.evaluation.comparison import compare as run_comparison
 
-        baseline_options = {**options, "probabilities": None}  # the probabilities given belong to --prediction
+        baseline_options = {**options, "probabilities": None, "scores": None}  # they belong to --prediction
         before = run_evaluation(reference, baseline, out=out / "baseline", **baseline_options)  # type: ignore[arg-type]
         write_outputs(before, out / "baseline", report=not no_report)
         comparison = run_comparison(out / "baseline", out, names=("baseline", prediction.name or "prediction"))

@@ -428,4 +428,35 @@ def test_maskrcnn_train_checkpoint_predict(dataset, tmp_path, one_torch_thread) 
     assert set(np.unique(prediction.array)) <= {0, 1, 2}
     with pytest.raises(MedsegUserError, match="does not export to ONNX"):
         Segmenter.from_checkpoint(run, device="cpu", runtime="onnx")
+    # the detector's own instances, in the input's exact grid, with a table row per instance
+    assert segmenter.predicts_instances
+    instances, table = segmenter.predict_instances(image)
+    assert instances.spatial_shape == image.spatial_shape and np.array_equal(instances.affine, image.affine)
+    present = sorted(int(i) for i in np.unique(instances.array) if i)
+    assert present == [row["instance_id"] for row in table] == list(range(1, len(table) + 1))
+    assert all(row["label"] in (1, 2) and 0.0 <= row["score"] <= 1.0 for row in table)
+    assert [row["score"] for row in table] == sorted((row["score"] for row in table), reverse=True)
+    # the CLI: predict writes the instance map, the table and the panoptic map; evaluate --scores reads them
+    from medseg.cli import main
+
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run),
+                "--input",
+                str(manifest.cases[0].images[0]),
+                "--output",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    case_id = manifest.cases[0].case_id
+    assert (out / "instances" / f"{case_id}.nii.gz").is_file() and (out / "instances" / f"{case_id}.csv").is_file()
+    assert (out / "panoptic" / f"{case_id}.nii.gz").is_file()
     assert torch.get_num_threads() == 1

@@ -54,6 +54,7 @@ from medseg.evaluation.case import (
     check_tolerance,
     empty_rows,
     evaluate_pair,
+    read_instance_table,
 )
 from medseg.evaluation.dask_runner import check_dask_options, dask_client, require_distributed, run_cases
 from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
@@ -173,7 +174,24 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
         probabilities = read_volume(job.probabilities) if job.probabilities else None
         if probabilities is not None:
             check_same_grid(reference, probabilities, tolerance_mm=settings.tolerance_mm)
-        pair = evaluate_pair(reference, prediction, settings=settings, case_id=job.case_id, probabilities=probabilities)
+        instances, instance_scores = None, None
+        if job.instances is not None:
+            if job.instance_scores is None:
+                raise MedsegUserError(
+                    f"{job.instances}: no score table {Path(job.instances).name.split('.')[0]}.csv beside it"
+                )
+            instances = read_volume(job.instances, kind="label")
+            check_same_grid(reference, instances, tolerance_mm=settings.tolerance_mm)
+            instance_scores = read_instance_table(job.instance_scores)
+        pair = evaluate_pair(
+            reference,
+            prediction,
+            settings=settings,
+            case_id=job.case_id,
+            probabilities=probabilities,
+            instances=instances,
+            instance_scores=instance_scores,
+        )
         result["rows"], result["lesions"], result["lesion_summary"] = pair.rows, pair.lesions, pair.lesion_summary
         result["confusion"] = pair.confusion.tolist() if pair.confusion is not None else None
         result["detections"] = pair.detections
@@ -198,6 +216,7 @@ def evaluate(
     labels: LabelSet | Manifest | str | os.PathLike[str] | None = None,
     data_root: str | os.PathLike[str] | None = None,
     probabilities: str | os.PathLike[str] | None = None,
+    scores: str | os.PathLike[str] | None = None,
     things: Iterable[str] | None = None,
     nsd_tolerance_mm: float | Mapping[str, float] | None = None,
     connectivity: int | None = None,
@@ -221,6 +240,9 @@ def evaluate(
             reference manifest's.
         data_root: data root of a reference manifest.
         probabilities: folder of probability maps named like the predictions (AP scores).
+        scores: folder of a detection model's instance maps and score tables (``OUT/instances``
+            of ``medseg predict`` with a ``maskrcnn`` model): the thing structures'
+            predicted lesions are those instances, each with its own score (AP50/AP75).
         things: structures scored as instances; defaults to the manifest's ``things``.
         nsd_tolerance_mm: one tolerance (mm, >= 0), or per structure (``"*"``: the others); defaults to
             the manifest's (else 1 mm).
@@ -245,6 +267,8 @@ def evaluate(
     """
     # options first: an invalid one is refused before any folder is listed or case read
     check_options(connectivity=connectivity, match=match, workers=workers)
+    if probabilities is not None and scores is not None:
+        raise MedsegUserError("give --probabilities or --scores, not both: each scores the predicted lesions")
     if check_dask_options(scheduler=scheduler, local_workers=dask_local, threads_per_worker=dask_threads):
         require_distributed()
     tolerances: dict[str, float] | None = None
@@ -253,7 +277,7 @@ def evaluate(
     elif nsd_tolerance_mm is not None:
         tolerances = {"*": check_tolerance("nsd_tolerance_mm", nsd_tolerance_mm)}
     jobs, manifest, unpaired = case_jobs(
-        reference, prediction, data_root=data_root, probabilities=probabilities, subset=subset
+        reference, prediction, data_root=data_root, probabilities=probabilities, subset=subset, scores=scores
     )
     label_set, label_manifest = resolve_labels(labels, manifest, Path(data_root) if data_root else None)
     source = label_manifest or manifest

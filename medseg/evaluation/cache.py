@@ -50,6 +50,8 @@ def case_key(job: CaseJob, settings_json: str) -> str:
         file_key(job.reference),
         file_key(job.prediction),
         file_key(job.probabilities),
+        file_key(job.instances),
+        file_key(job.instance_scores),
         [(name, file_key(path)) for name, path in job.raters],
         [list(v) for v in job.value_maps],
     ]

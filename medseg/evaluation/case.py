@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -222,6 +223,8 @@ def evaluate_pair(
     settings: EvaluationSettings,
     case_id: str = "case",
     probabilities: Volume | None = None,
+    instances: Volume | None = None,
+    instance_scores: Mapping[int, tuple[int, float]] | None = None,
 ) -> PairResult:
     """Score one prediction against one reference, every structure and region.
 
@@ -320,11 +323,17 @@ def evaluate_pair(
             f"{reference.meta.get('path', 'reference')}: connectivity {settings.connectivity} needs a 3D image, "
             f"this one is {reference.spatial_ndim}D (use 1..{reference.spatial_ndim} or None)"
         )
+    instance_array = _instance_array(instances, instance_scores) if instances is not None else None
     for structure in things:
         members = [index_of[i] for i in structure.label_ids]
         ref_instances, _ = connected_components(np.isin(ref_index, members), connectivity=settings.connectivity)
-        pred_instances, _ = connected_components(np.isin(pred_index, members), connectivity=settings.connectivity)
-        probability_map = None
+        probability_map, scores = None, None
+        if instance_array is not None and instance_scores is not None:  # the detector's own instances
+            own = [i for i, (label, _) in instance_scores.items() if label in structure.label_ids]
+            pred_instances = np.where(np.isin(instance_array, own), instance_array, 0).astype(np.int32)
+            scores = {i: instance_scores[i][1] for i in own}
+        else:
+            pred_instances, _ = connected_components(np.isin(pred_index, members), connectivity=settings.connectivity)
         if probabilities is not None:
             probability_map = _thing_probability(probabilities, members, num_classes)
         summary, table = lesion_metrics(
@@ -333,6 +342,7 @@ def evaluate_pair(
             spacing_mm=spacing,
             criterion=settings.match,
             probabilities=probability_map,
+            prediction_scores=scores,
             input_kind="instances",
         )
         lesion_summary.append({"case_id": case_id, "structure": structure.name, **summary})
@@ -361,6 +371,44 @@ def _detections(ref_instances: np.ndarray, pred_instances: np.ndarray, table: pd
         pair_iou=match.pair_iou,
         n_ref=len(match.ref_ids),
     )
+
+
+def _instance_array(instances: Volume, scores: Mapping[int, tuple[int, float]] | None) -> np.ndarray:
+    """The instance map's array, every id of which must have a row in its table."""
+    array = instances.array[0]
+    present = {int(i) for i in np.unique(array) if i != 0}
+    missing = sorted(present - set(scores or {}))
+    if missing:
+        raise LabelValueError(
+            f"{instances.meta.get('path', 'instance map')}: instance ids {missing[:8]} have no row in the score table"
+        )
+    return array
+
+
+def read_instance_table(path: str | os.PathLike[str]) -> dict[int, tuple[int, float]]:
+    """``{instance_id: (label, score)}`` of a detection model's table (``medseg predict``, ``instances/<case>.csv``).
+
+    Raises:
+        InvalidFileError: unreadable, no ``instance_id``/``label``/``score`` columns, or a value that
+            is not a number (named with its line).
+    """
+    import csv
+
+    rows: dict[int, tuple[int, float]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"instance_id", "label", "score"} - set(reader.fieldnames or ())
+            if missing:
+                raise InvalidFileError(f"{path}: score table lacks column(s) {sorted(missing)}")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    rows[int(row["instance_id"])] = (int(row["label"]), float(row["score"]))
+                except (TypeError, ValueError):
+                    raise InvalidFileError(f"{path}: line {line} is not instance_id,label,score numbers") from None
+    except OSError as error:
+        raise InvalidFileError(f"{path}: cannot read ({error.strerror or error})") from None
+    return rows
 
 
 def _thing_probability(probabilities: Volume, members: Sequence[int], num_classes: int) -> np.ndarray:

@@ -28,6 +28,8 @@ class CaseJob:
     prediction: str | None
     probabilities: str | None = None
     image: str | None = None
+    instances: str | None = None  # a detection model's instance map (``medseg predict``, ``instances/<case>.csv``)
+    instance_scores: str | None = None  # its table (instance_id, label, score, ...), a .csv beside it
     raters: tuple[tuple[str, str], ...] = ()  # (rater name, path) beyond the primary reference
     value_maps: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
 
@@ -80,9 +82,20 @@ def case_jobs(
     data_root: str | os.PathLike[str] | None,
     probabilities: str | os.PathLike[str] | None,
     subset: str | None,
+    scores: str | os.PathLike[str] | None = None,
 ) -> tuple[list[CaseJob], Manifest | None, list[str]]:
     prediction_files = find_volumes(Path(prediction))
     probability_files = find_volumes(Path(probabilities)) if probabilities is not None else {}
+    instance_files = find_volumes(Path(scores)) if scores is not None else {}
+
+    def instances_of(case_id: str) -> dict[str, str | None]:
+        path = instance_files.get(case_id)
+        table = Path(scores) / f"{case_id}.csv" if scores is not None else None
+        return {
+            "instances": str(path) if path is not None else None,
+            "instance_scores": str(table) if table is not None and table.is_file() else None,
+        }
+
     manifest: Manifest | None = None
     if isinstance(reference, Manifest):
         manifest = reference
@@ -109,6 +122,7 @@ def case_jobs(
                     image=str(case.images[0]),
                     raters=raters,
                     value_maps=value_maps,
+                    **instances_of(case.case_id),
                 )
             )
     else:
@@ -119,6 +133,7 @@ def case_jobs(
                     reference=str(path),
                     prediction=str(prediction_files[case_id]) if case_id in prediction_files else None,
                     probabilities=str(probability_files[case_id]) if case_id in probability_files else None,
+                    **instances_of(case_id),
                 )
             )
     if not jobs:

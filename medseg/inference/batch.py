@@ -318,7 +318,8 @@ def predict_batch(
         tta: mirroring test-time augmentation.
         overlap: sliding-window overlap.
         save_probabilities: also write ``probabilities/<case>.nii.gz``.
-        instances: write instance and panoptic maps for the model's thing structures.
+        instances: write instance and panoptic maps for the model's thing structures (a detection
+            model: its own instances, with a score table ``instances/<case>.csv``).
         watershed: split touching instances with a marker watershed.
         which: ``"last"`` (default) or ``"best"`` checkpoint of run folders (``best`` was chosen on
             the run's own validation cases: optimistic there).
@@ -390,7 +391,7 @@ def predict_batch(
     write_itksnap_labels(segmenter.labels, output / ITKSNAP_LABELS_FILE)
     record_path = output / RECORD_FILE
     description = segmenter.describe()
-    write_instances = instances and bool(segmenter.things)
+    write_instances = instances and (bool(segmenter.things) or segmenter.predicts_instances)
     key = _model_key(description, instances=write_instances, watershed=watershed, save_probabilities=save_probabilities)
     if refine is not None:
         if use_dask:

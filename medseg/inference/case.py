@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import torch
 
 from medseg.errors import MedsegUserError
-from medseg.inference.postprocess import instance_maps
+from medseg.inference.detections import panoptic_from_instances, write_instance_table
+from medseg.inference.postprocess import PANOPTIC_DIVISOR, instance_maps
 from medseg.inference.segmenter import Segmenter
 from medseg.io.files import sha256_file
 from medseg.io.label_files import write_label_file
@@ -64,7 +65,8 @@ def predict_case(
         case_id: the case's id (names the instance, panoptic and probability files).
         output_name: file name of the label map.
         model_key: the key of the model and options (stored in the entry; resume compares it).
-        write_instances: also write ``instances/`` and ``panoptic/`` maps of the thing structures.
+        write_instances: also write ``instances/`` and ``panoptic/`` maps of the thing structures
+            (a detection model: its own instances, and ``instances/<case>.csv`` with their scores).
         watershed: split touching instances with a marker watershed.
         save_probabilities: also write ``probabilities/<case>.nii.gz``.
         statistics: also write ``statistics/<case>.csv`` (:mod:`medseg.evaluation.statistics`).
@@ -82,7 +84,17 @@ def predict_case(
                 prediction.labels, output / output_name, labels=segmenter.labels, source=images[0]
             )
         }
-        if write_instances:
+        if write_instances and segmenter.predicts_instances:  # a detector's own instances, with scores
+            instance_volume, table = segmenter.predict_instances(volume)
+            panoptic_array = panoptic_from_instances(
+                prediction.labels.array[0], instance_volume.array[0], table, divisor=PANOPTIC_DIVISOR
+            )
+            written["instances"] = write_volume(instance_volume, output / "instances" / f"{case_id}.nii.gz")
+            written["instance_scores"] = write_instance_table(table, output / "instances" / f"{case_id}.csv")
+            written["panoptic"] = write_volume(
+                prediction.labels.with_array(panoptic_array[None]), output / "panoptic" / f"{case_id}.nii.gz"
+            )
+        elif write_instances:
             instance_array, panoptic_array = instance_maps(
                 prediction.labels.array[0],
                 labels=segmenter.labels,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["probabilities_to_input_grid"]
+__all__ = ["ids_to_input_grid", "probabilities_to_input_grid"]
 
 _SLAB_VOXELS = 1 << 21  # input-grid voxels resampled at a time
 
@@ -98,3 +98,37 @@ def probabilities_to_input_grid(
         if out_probs is not None:
             out_probs[..., k0 : k0 + k.numel()] = slab.float().cpu().numpy()
     return labels, out_probs
+
+
+def ids_to_input_grid(
+    ids: np.ndarray, pre_affine: np.ndarray, in_affine: np.ndarray, in_shape: tuple[int, ...]
+) -> np.ndarray:
+    """An integer map (instance ids) on the preprocessed grid, carried onto the input grid by nearest neighbour.
+
+    Every input voxel takes the id of the preprocessed voxel nearest to its centre (the voxel
+    mapping of :func:`probabilities_to_input_grid`); voxels beyond the preprocessed grid by more
+    than half a voxel are 0. ``ids`` has 3 spatial axes, or 2 for a 2D preprocessed grid.
+    """
+    if ids.ndim == 2:
+        ids = ids[..., None]
+    mapping = np.linalg.solve(pre_affine, in_affine)  # input voxel -> preprocessed voxel
+    if ids.shape == tuple(in_shape) and np.allclose(mapping, np.eye(4), atol=1e-6):
+        return np.ascontiguousarray(ids, dtype=np.int32)
+    out = np.zeros(in_shape, dtype=np.int32)
+    step = max(1, _SLAB_VOXELS // max(1, in_shape[0] * in_shape[1]))
+    grid_i, grid_j = np.meshgrid(np.arange(in_shape[0]), np.arange(in_shape[1]), indexing="ij")
+    for k0 in range(0, in_shape[2], step):
+        k = np.arange(k0, min(in_shape[2], k0 + step))
+        points = np.stack(
+            [
+                np.broadcast_to(grid_i[..., None], (*grid_i.shape, k.size)),
+                np.broadcast_to(grid_j[..., None], (*grid_j.shape, k.size)),
+                np.broadcast_to(k, (*grid_i.shape, k.size)),
+            ]
+        ).reshape(3, -1)
+        source = np.rint(mapping[:3, :3] @ points + mapping[:3, 3:4]).astype(np.int64)
+        inside = np.all((source >= 0) & (source < np.asarray(ids.shape)[:, None]), axis=0)
+        values = np.zeros(points.shape[1], dtype=np.int32)
+        values[inside] = ids[source[0, inside], source[1, inside], source[2, inside]]
+        out[..., k0 : k0 + k.size] = values.reshape(in_shape[0], in_shape[1], k.size)
+    return out

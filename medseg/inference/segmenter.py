@@ -275,6 +275,55 @@ class Segmenter:
             labels=labels, probabilities=prob_volume, timings_s={k: round(v, 4) for k, v in timings.items()}
         )
 
+    @property
+    def predicts_instances(self) -> bool:
+        """True for a detection model (``maskrcnn``), whose instances are its own, not connected components."""
+        return bool(self.networks) and all(getattr(n, "predicts_instances", False) for n in self.networks)
+
+    def predict_instances(self, volume: Volume) -> tuple[Volume, list[dict[str, Any]]]:
+        """A detection model's instances in ``volume``'s geometry, with one table row per instance.
+
+        See :mod:`medseg.inference.detections` (windows, merging, linking across slices, scores).
+        Every fold's detector contributes to each slice; there is no test-time augmentation.
+
+        Raises:
+            MedsegUserError: the model is not a detection model.
+        """
+        from medseg.inference.detections import detect_slice, instance_table, link_slices, renumber_by_score
+        from medseg.inference.invert import ids_to_input_grid
+
+        if not self.predicts_instances:
+            raise MedsegUserError("only a detection model (maskrcnn) predicts instances of its own")
+        meta = _output_meta(volume)
+        image, pre_affine = self._preprocess(volume)
+        in_shape = volume.spatial_shape + ((1,) if volume.spatial_ndim == 2 else ())
+        if min(image.shape[1:], default=0) == 0:  # no foreground voxel: no instance
+            empty = np.zeros(volume.spatial_shape, dtype=np.int32)
+            return Volume(empty[None], volume.affine, kind="label", meta=meta), []
+        network_cfg = self.plans_config["network"]
+        slice_axis = int(self.plans_config.get("slice_axis", 2)) if image.ndim == 4 else None
+        slices = torch.movedim(image, slice_axis + 1, 0) if slice_axis is not None else image[None]
+        found = [
+            detect_slice(
+                [n.detector for n in self.networks],
+                slices[k],
+                patch_size=self.plans_config["patch_size"],
+                score_threshold=float(network_cfg.get("score_threshold", 0.5)),
+                mask_threshold=float(network_cfg.get("mask_threshold", 0.5)),
+                device=self.device,
+                windows_per_batch=self.sw_batch_size,
+            )
+            for k in range(slices.shape[0])
+        ]
+        linked, info = link_slices(found)
+        on_grid = np.stack(linked, axis=slice_axis) if slice_axis is not None else linked[0]
+        instances = ids_to_input_grid(on_grid, pre_affine, np.asarray(volume.affine, dtype=np.float64), in_shape)
+        if volume.spatial_ndim == 2:
+            instances = instances[..., 0]
+        instances, rows = renumber_by_score(instances, info)
+        table = instance_table(instances, rows, labels=self.labels, voxel_volume_ml=volume.voxel_volume_ml)
+        return Volume(instances[None], volume.affine, kind="label", meta=meta), table
+
     def _background_only(self, volume: Volume, *, probabilities: bool, timings: dict[str, float]) -> Prediction:
         """The prediction of an image without foreground (every voxel zero): background everywhere.
 

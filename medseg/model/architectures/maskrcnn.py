@@ -210,6 +210,8 @@ class MaskRCNNSegmenter(nn.Module):
     find_unused_parameters = True
     #: onnxruntime cannot run it through medseg's export (its outputs are per-image lists)
     onnx_exportable = False
+    #: its instances are its detections (:mod:`medseg.inference.detections`), not connected components
+    predicts_instances = True
 
     def __init__(self, detector: nn.Module, *, num_classes: int) -> None:
         super().__init__()
