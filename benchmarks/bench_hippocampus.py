@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default: the plans'")
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights (default: the plans')")
+    parser.add_argument(
+        "--precision", default=None, choices=["auto", "mixed", "float32"], help="default: medseg train's"
+    )
     parser.add_argument("--iterations-per-epoch", type=int, default=None)
     parser.add_argument("--validate-every", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         iterations_per_epoch=args.iterations_per_epoch,
         validate_every=args.validate_every,
         ema_decay=args.ema_decay,
+        precision=args.precision,
     )
     total_s = time.monotonic() - start
     # all-cv: the folds' figures summed (iterations, time) and the first fold's validation shown
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"MSD Hippocampus, fold {args.fold}, config {args.config}, device {result.get('device', args.device)}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, precision {args.precision}"
     )
     print(
         f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, filters {cfg['network']['filters']}, "

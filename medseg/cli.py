@@ -310,6 +310,11 @@ def train(
         None, "--max-epochs-this-run", min=1, help="Stop after this many epochs (the schedule still spans --epochs)."
     ),
     seed: int = typer.Option(0, "--seed"),
+    precision: Optional[str] = typer.Option(
+        None,
+        "--precision",
+        help="auto: autocast where the hardware computes it natively (float16 on CUDA, bfloat16 on CPUs with AMX/AVX512-BF16); mixed: always; float32: never. Default: float16 on CUDA, float32 on the CPU.",
+    ),
     ema_decay: Optional[float] = typer.Option(
         None,
         "--ema-decay",
@@ -355,6 +360,7 @@ def train(
         resume=resume,
         seed=seed,
         ema_decay=ema_decay,
+        precision=precision,
         num_threads=threads or None,
         loader_workers=loader_workers,
         max_epochs_this_run=max_epochs_this_run,

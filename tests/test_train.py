@@ -176,6 +176,22 @@ def test_ema_update_rule() -> None:
         WeightAverage(net, decay=1.0)
 
 
+def test_precision_is_recorded_and_float32_never_autocasts(dataset, tmp_path) -> None:
+    from medseg.model.device import autocast_dtype
+
+    manifest, plans = dataset
+    train(manifest, plans=plans, out_dir=tmp_path / "f32", epochs=1, **SMALL)  # the CPU default
+    train(manifest, plans=plans, out_dir=tmp_path / "auto", epochs=1, precision="auto", **SMALL)
+    f32 = json.loads((tmp_path / "f32" / "resolved_config.json").read_text())
+    auto = json.loads((tmp_path / "auto" / "resolved_config.json").read_text())
+    assert f32["autocast_dtype"] == "float32" and f32["options"]["precision"] is None
+    assert auto["options"]["precision"] == "auto"
+    expected = autocast_dtype(torch.device("cpu"), "auto")
+    assert auto["autocast_dtype"] == (str(expected).replace("torch.", "") if expected is not None else "float32")
+    with pytest.raises(MedsegUserError, match="precision must be"):
+        train(manifest, plans=plans, out_dir=tmp_path / "x", epochs=1, precision="half", **SMALL)
+
+
 def test_fold_all_trains_on_every_case_without_validation(dataset, tmp_path) -> None:
     manifest, plans = dataset
     result = train(manifest, plans=plans, fold="all", out_dir=tmp_path / "all", epochs=1, **SMALL)

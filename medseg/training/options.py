@@ -30,6 +30,10 @@ class TrainOptions:
         iterations_per_epoch: iterations per epoch (default: the plans').
         validate_every: epochs between validations (default: the plans').
         learning_rate: initial learning rate (default: the plans').
+        precision: ``auto`` (autocast where the hardware computes it natively: float16 on CUDA,
+            bfloat16 on CPUs with AMX or AVX512-BF16), ``mixed`` (always) or ``float32`` (never);
+            see :func:`medseg.model.device.autocast_dtype`. Default (None): float16 on CUDA,
+            float32 on the CPU (bfloat16 CPU training is opt-in: see the README's benchmarks).
         ema_decay: keep an exponential moving average of the weights with this decay and validate,
             checkpoint and predict with it (:mod:`medseg.training.ema`); 0 turns it off. Default:
             the plans' ``training.ema_decay`` (0 when absent).
@@ -53,6 +57,7 @@ class TrainOptions:
     validate_every: int | None = None
     learning_rate: float | None = None
     ema_decay: float | None = None
+    precision: str | None = None
     max_epochs_this_run: int | None = None
     num_threads: int | None = None
     workers: int | None = None
@@ -76,6 +81,8 @@ class TrainOptions:
                 raise MedsegUserError(f"{name} must be a positive integer, got {value!r}")
         if self.loader_workers is not None and self.loader_workers not in (0, 1):
             raise MedsegUserError(f"loader_workers must be 0 or 1, got {self.loader_workers!r}")
+        if self.precision not in (None, "auto", "mixed", "float32"):
+            raise MedsegUserError(f"precision must be auto, mixed or float32, got {self.precision!r}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise MedsegUserError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.learning_rate is not None and not self.learning_rate > 0:

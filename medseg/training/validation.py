@@ -27,7 +27,7 @@ def validate(
     cfg: Mapping[str, Any],
     structures: Sequence[tuple[str, Sequence[int]]],
     device: torch.device,
-    amp: bool,
+    amp_dtype: torch.dtype | None,
     num_classes: int,
 ) -> dict[str, float]:
     """Mean Dice per structure (and their mean, ``"mean"``) over the validation cases.
@@ -46,7 +46,7 @@ def validate(
             plans_config=cfg,
             num_classes=num_classes,
             device=device,
-            amp=amp,
+            amp_dtype=amp_dtype,
             sw_batch_size=int(cfg.get("batch_size", 2)),
         )
         prediction = logits.argmax(0).cpu().numpy()
