@@ -154,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     # all-cv: the folds' figures summed (iterations, time) and the first fold's validation shown
     result = results[0] if isinstance(results, list) else results
     histories = [Path(r["out_dir"]) / "history.csv" for r in (results if isinstance(results, list) else [results])]
-    rows = [row for path in histories for row in csv.DictReader(open(path))]
+    per_run = [list(csv.DictReader(open(path))) for path in histories]
+    rows = [row for run in per_run for row in run]
     epoch_times = [float(r["epoch_time_s"]) for r in rows]
-    iterations = sum(int(list(csv.DictReader(open(path)))[-1]["iteration"]) for path in histories)
+    iterations = sum(int(run[-1]["iteration"]) for run in per_run if run)
     train_s = sum(epoch_times)
     cfg = plans["configurations"][args.config]
     print()

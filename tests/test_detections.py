@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.core.volume import Volume
 from medseg.inference.detections import (
     SliceInstances,
     link_slices,
@@ -169,11 +168,3 @@ def test_evaluate_scores_names_an_instance_without_a_row(tmp_path) -> None:
     )
     assert result.cases.iloc[0]["status"] == "error"
     assert "instance ids [2] have no row in the score table" in result.cases.iloc[0]["message"]
-
-
-def test_volume_helpers_keep_the_instance_geometry() -> None:
-    """The instance Volume a model returns is an ordinary label volume (int32 ids)."""
-    ids = np.zeros((1, 3, 3, 2), np.int32)
-    ids[0, 1, 1, 1] = 5
-    volume = Volume(ids, np.eye(4), kind="label")
-    assert volume.array.dtype == np.int32 and volume.spatial_shape == (3, 3, 2)

@@ -28,6 +28,7 @@ from medseg.evaluation.figures import box_plot_svg, overlay_png
 from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, summarize
 from medseg.io.files import atomic_path, write_json, write_text
 from medseg.io.volumes import read_volume
+from medseg.metrics.overlap import fortran_ordered
 
 __all__ = ["summary_json", "write_outputs", "write_report", "figure_png", "table_html"]
 
@@ -276,7 +277,7 @@ def _label_boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None] | None:
     """Bounding box of every label value (index ``value - 1``): one pass in C; None for unusual maps."""
     if labels.ndim != 3 or labels.dtype.kind not in "ui" or labels.min(initial=0) < 0:
         return None
-    if labels.flags.f_contiguous and not labels.flags.c_contiguous:  # a NIfTI map: walk memory in order
+    if fortran_ordered(labels):  # a NIfTI map: walk memory in order
         return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T)]
     return ndimage.find_objects(labels)
 

@@ -68,7 +68,7 @@ def _check_labels(array: np.ndarray, name: str, num_classes: int) -> None:
         raise ValueError(f"{name} has labels {shown}{more} outside 0..{num_classes - 1} (num_classes={num_classes})")
 
 
-def _fortran_ordered(array: np.ndarray) -> bool:
+def fortran_ordered(array: np.ndarray) -> bool:
     """True for a Fortran-contiguous array that is not also C-contiguous (e.g. a NIfTI label map)."""
     return bool(array.flags.f_contiguous and not array.flags.c_contiguous)
 
@@ -116,7 +116,7 @@ def confusion_matrix(reference: np.ndarray, prediction: np.ndarray, *, num_class
         reference, prediction = reference.reshape(1), prediction.reshape(1)
     ref_u = reference.view(np.uint8) if reference.dtype == bool else reference
     pred_u = prediction.view(np.uint8) if prediction.dtype == bool else prediction
-    if _fortran_ordered(ref_u) and _fortran_ordered(pred_u):  # counts ignore voxel order: walk memory in order
+    if fortran_ordered(ref_u) and fortran_ordered(pred_u):  # counts ignore voxel order: walk memory in order
         ref_u, pred_u = ref_u.T, pred_u.T
     per_row = max(1, int(np.prod(ref_u.shape[1:], dtype=np.int64)))
     rows = max(1, _CHUNK_VOXELS // per_row)

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.core.components import as_binary_mask
+from medseg.metrics.overlap import fortran_ordered
 
 #: the keys of every surface-metric result
 SURFACE_KEYS: tuple[str, ...] = ("hd_mm", "hd95_mm", "assd_mm", "nsd")
@@ -185,7 +186,7 @@ def _label_blocks(labels: np.ndarray, wanted: Sequence[int]) -> dict[int, np.nda
     """
     if labels.dtype == bool:
         labels = labels.view(np.uint8)
-    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
+    if fortran_ordered(labels):
         # a Fortran-ordered map (NIfTI): reduce its transpose, walking memory in order, and transpose back
         return {lab: None if grid is None else grid.T for lab, grid in _label_blocks(labels.T, wanted).items()}
     wanted = sorted({int(w) for w in wanted})
