@@ -4,6 +4,10 @@ Components use full connectivity by default (26 neighbours in 3D, 8 in 2D, as DE
 instances); ``connectivity=1`` is face connectivity (6 / 4). Keep-largest and remove-small build on
 it (scikit-image's ``remove_small_objects`` for the latter). Pure numpy / scipy / scikit-image.
 
+Two pure-numpy helpers serve code that runs on every ``medseg evaluate`` and should not pay scipy.ndimage's
+0.2-0.3 s import for a few small arrays: :func:`bounding_box` and :func:`small_grid_components` (the full-
+connectivity components of a small grid, numbered as ``scipy.ndimage.label`` numbers them).
+
 Example:
     >>> import numpy as np
     >>> m = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]], bool)
@@ -15,7 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_binary_mask", "connected_components", "keep_largest_component", "remove_small_components"]
+__all__ = [
+    "as_binary_mask",
+    "bounding_box",
+    "connected_components",
+    "keep_largest_component",
+    "remove_small_components",
+    "small_grid_components",
+]
 
 
 def as_binary_mask(array: np.ndarray, name: str) -> np.ndarray:
@@ -32,6 +43,60 @@ def as_binary_mask(array: np.ndarray, name: str) -> np.ndarray:
     if not binary:
         raise ValueError(f"{name} must be binary (0/1), found values {np.unique(array)[:10].tolist()}")
     return array != 0
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every true element of ``mask`` (one slice per axis); None for an empty mask.
+
+    The same box as ``scipy.ndimage.find_objects(mask.astype(int))[0]``, from one ``any`` projection per axis.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
+def small_grid_components(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """Full-connectivity components (8 in 2D, 26 in 3D) of a small boolean grid, and the box of each.
+
+    Numbered ``1..n`` in scan order of their first element (C order), as ``scipy.ndimage.label`` numbers them,
+    so ``boxes[k - 1]`` equals ``scipy.ndimage.find_objects(labels)[k - 1]``. Every element starts with its own
+    scan index; each sweep takes the minimum over its neighbourhood and then follows pointers (an element's
+    value is the index of an element of its component), until nothing changes: each component ends with the
+    index of its first element. Cost grows with the grid times the number of sweeps (about the logarithm of a
+    component's extent), so this is for coarse grids (the 8-voxel block grids of the surface metrics), not
+    for whole volumes: use :func:`connected_components` there.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    beyond = mask.size + 1  # larger than every index: background and the outside never win a minimum
+    index = np.arange(1, mask.size + 1, dtype=np.int64).reshape(mask.shape)
+    current = np.where(mask, index, beyond)
+    offsets = np.stack(np.meshgrid(*([np.arange(3)] * mask.ndim), indexing="ij"), axis=-1).reshape(-1, mask.ndim)
+    while True:
+        padded = np.pad(current, 1, constant_values=beyond)
+        lowest = current.copy()
+        for offset in offsets:
+            np.minimum(lowest, padded[tuple(slice(o, o + n) for o, n in zip(offset, mask.shape))], out=lowest)
+        lowest[~mask] = beyond
+        flat = np.append(lowest.ravel(), beyond)  # flat[i - 1]: the value now held by the element of index i
+        while True:  # pointer jumping: take the value of the element pointed at, until stable
+            jumped = np.where(mask, flat[np.minimum(lowest, beyond) - 1], beyond)
+            if np.array_equal(jumped, lowest):
+                break
+            lowest = jumped
+            flat = np.append(lowest.ravel(), beyond)
+        if np.array_equal(lowest, current):
+            break
+        current = lowest
+    roots = np.unique(current[mask])
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    labels[mask] = np.searchsorted(roots, current[mask]) + 1
+    boxes = [bounding_box(labels == k) for k in range(1, roots.size + 1)]
+    return labels, boxes  # type: ignore[return-value]
 
 
 def connected_components(mask: np.ndarray, *, connectivity: int | None = None) -> tuple[np.ndarray, int]:

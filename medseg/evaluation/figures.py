@@ -20,7 +20,6 @@ import math
 from typing import Mapping
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["box_plot_svg", "overlay_png"]
 
@@ -115,6 +114,21 @@ def box_plot_svg(groups: Mapping[str, np.ndarray], *, metric: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode("".join(parts).encode()).decode()
 
 
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose 8 neighbours are all in ``mask`` (outside the image counts as outside).
+
+    ``scipy.ndimage.binary_erosion(mask, structure=np.ones((3, 3)), border_value=0)``, in numpy: the
+    report draws a few small slices and should not import scipy.ndimage for them.
+    """
+    padded = np.pad(mask, 1)
+    rows, columns = mask.shape
+    inside = np.ones_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            inside &= padded[dy : dy + rows, dx : dx + columns]
+    return inside
+
+
 def overlay_png(
     reference: np.ndarray,
     prediction: np.ndarray,
@@ -153,10 +167,9 @@ def overlay_png(
             low, high = (float(v) for v in np.percentile(finite, [1, 99]))
             scaled = np.clip((np.nan_to_num(background, nan=low) - low) / max(high - low, 1e-12), 0, 1)
             rgb[:] = (scaled * 255).astype(np.uint8)[..., None]
-    full = np.ones((3, 3), bool)
     for mask, colour in ((reference, (0, 255, 0)), (prediction, (255, 0, 0))):
         if mask.any():
-            rgb[mask & ~ndimage.binary_erosion(mask, structure=full, border_value=0)] = colour
+            rgb[mask & ~_interior(mask)] = colour
     picture = np.ascontiguousarray(rgb.transpose(1, 0, 2)[::-1])  # rows = y from the top, columns = x
     factor = max(1, size_px // max(picture.shape[:2]))
     image = Image.fromarray(picture).resize((picture.shape[1] * factor, picture.shape[0] * factor), Image.NEAREST)

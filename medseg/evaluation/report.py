@@ -20,7 +20,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from medseg import __version__
 from medseg.evaluation.batch import Evaluation
@@ -28,7 +27,7 @@ from medseg.evaluation.figures import box_plot_svg, overlay_png
 from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, summarize
 from medseg.io.files import atomic_path, write_json, write_text
 from medseg.io.volumes import read_volume
-from medseg.metrics.overlap import fortran_ordered
+from medseg.metrics.surface_search import label_boxes
 
 __all__ = ["summary_json", "write_outputs", "write_report", "figure_png", "table_html"]
 
@@ -273,26 +272,19 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def _label_boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None] | None:
-    """Bounding box of every label value (index ``value - 1``): one pass in C; None for unusual maps."""
-    if labels.ndim != 3 or labels.dtype.kind not in "ui" or labels.min(initial=0) < 0:
-        return None
-    if fortran_ordered(labels):  # a NIfTI map: walk memory in order
-        return [None if box is None else box[::-1] for box in ndimage.find_objects(labels.T)]
-    return ndimage.find_objects(labels)
-
-
 def _largest_slice(
     reference: np.ndarray,
     prediction: np.ndarray,
-    boxes: tuple[list[tuple[slice, ...] | None], list[tuple[slice, ...] | None]],
+    boxes: tuple[Mapping[int, tuple[slice, ...] | None], Mapping[int, tuple[slice, ...] | None]],
     label_ids: Sequence[int],
 ) -> int | None:
     """The slice ``k`` (last axis) where ``area(reference) + 0.5 area(prediction)`` of the labels is largest.
 
-    Only the labels' bounding box is searched, so the cost follows the structure, not the volume.
+    Only a box holding the labels (:func:`~medseg.metrics.surface_search.label_boxes`) is searched, so the
+    cost follows the structure, not the volume; the slices outside it have no area, so the answer is the
+    same as over the whole volume.
     """
-    found = [box[i - 1] for box in boxes for i in label_ids if 0 < i <= len(box) and box[i - 1] is not None]
+    found = [b for box in boxes for i in label_ids if (b := box.get(i)) is not None]
     if not found:
         return None
     union = tuple(slice(min(b[d].start for b in found), max(b[d].stop for b in found)) for d in range(3))
@@ -332,7 +324,10 @@ def _worst_section(evaluation: Evaluation, worst: int) -> str:
                 background = read_volume(image_path).array[0]
             except Exception:  # noqa: BLE001 - an overlay without its image is still useful
                 background = None
-        ref_boxes, pred_boxes = _label_boxes(reference), _label_boxes(prediction)
+        boxes = None
+        if reference.ndim == 3 and prediction.shape == reference.shape and reference.dtype.kind in "uib":
+            wanted = {int(v) for row in rows if row.case_id == case_id for v in str(row.label).split("+")}
+            boxes = (label_boxes(reference, sorted(wanted)), label_boxes(prediction, sorted(wanted)))
         for position, row in enumerate(rows):
             if row.case_id != case_id:
                 continue
@@ -340,8 +335,8 @@ def _worst_section(evaluation: Evaluation, worst: int) -> str:
             title = f"{row.case_id} · {row.structure} · Dice {row.dice:.3f}"
             try:
                 k = None
-                if ref_boxes is not None and pred_boxes is not None and prediction.shape == reference.shape:
-                    k = _largest_slice(reference, prediction, (ref_boxes, pred_boxes), label_ids)
+                if boxes is not None and prediction.dtype.kind in "uib":
+                    k = _largest_slice(reference, prediction, boxes, label_ids)
                 if k is None:  # 2D, or an unusual map: the overlay searches the whole volume
                     sources[position] = _overlay(reference, prediction, background, label_ids, title)
                     continue

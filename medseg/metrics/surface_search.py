@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-from scipy import ndimage
 
-from medseg.core.components import as_binary_mask
+from medseg.core.components import as_binary_mask, bounding_box, small_grid_components
 from medseg.metrics.overlap import fortran_ordered
 
 #: the keys of every surface-metric result
@@ -218,6 +217,24 @@ def _label_blocks(labels: np.ndarray, wanted: Sequence[int]) -> dict[int, np.nda
     return out
 
 
+def label_boxes(labels: np.ndarray, wanted: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
+    """A box holding every voxel of each wanted label, from one pass over the volume; None for absent labels.
+
+    The boxes are those of the labels' occupied 8-voxel blocks, clipped to the volume: they may be up to 7
+    voxels larger than the tightest box on each side, never smaller. (The report uses them to search a
+    structure's largest slice without another full pass per label.)
+    """
+    boxes: dict[int, tuple[slice, ...] | None] = {}
+    for lab, occupied in _label_blocks(np.asarray(labels), wanted).items():
+        coarse = None if occupied is None else bounding_box(occupied)
+        boxes[lab] = (
+            None
+            if coarse is None
+            else tuple(slice(b.start * _BLOCK, min(b.stop * _BLOCK, n)) for b, n in zip(coarse, labels.shape))
+        )
+    return boxes
+
+
 def _bit_type(n_bits: int) -> type:
     return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.dtype(t).itemsize * 8 >= n_bits)
 
@@ -245,11 +262,12 @@ def _mask_surface(labels: np.ndarray, label: int, occupied: np.ndarray, areas: n
     cluster's boundary and cells can be computed alone on its crop (plus a one-voxel zero margin).
     """
     ndim = labels.ndim
-    (box,) = ndimage.find_objects(occupied.view(np.uint8))
-    clusters, _ = ndimage.label(occupied[box], structure=np.ones((3,) * ndim, dtype=bool))
+    box = bounding_box(occupied)
+    assert box is not None, "only occupied labels are searched"
+    clusters, cluster_boxes = small_grid_components(occupied[box])
     voxels, cells, cell_areas = [], [], []
     full = len(areas) - 1
-    for cluster, local in enumerate(ndimage.find_objects(clusters), start=1):
+    for cluster, local in enumerate(cluster_boxes, start=1):
         blocks = tuple(slice(b.start + o.start, b.stop + o.start) for b, o in zip(local, box))
         crop = tuple(slice(b.start * _BLOCK, min(b.stop * _BLOCK, n)) for b, n in zip(blocks, labels.shape))
         mask = labels[crop] == label
