@@ -13,15 +13,21 @@ The equivalent command lines are ``medseg plan`` then ``medseg train ... --confi
 --time-limit-min 30``; the benchmark only adds the plan edits given by its options (written to
 ``OUT/plans.json``, so the run can be reproduced with ``medseg train --plans OUT/plans.json``).
 
-The honest protocol (``--untouched-fold 4``): the validation cases of that fold of the manifest's
-5-fold split (42 of the 208 shared cases) are set aside before anything else happens. Planning,
-training and every choice use only the other cases (their own folds: ``--fold`` must differ); the
-final model (``checkpoint_last``, mirroring TTA, no postprocessing) then predicts the untouched
-cases once, in their own geometry, and the script prints their Dice per structure and the mean
-over structures with a bootstrap 95 % CI (2000 resamples of cases), beside nnU-Net's 5-fold CV::
+The honest protocol, on by default: the manifest's ``test_internal`` cases (for the hippocampus, the
+41 cases of fold 4 of nnU-Net's 5-fold split of the 208 shared cases, fixed in
+``data_manifests/msd_hippocampus.json``) are never planned on, trained on or validated on; planning,
+training and every choice use only the ``training`` cases and their four folds. The final model
+(``checkpoint_last``, mirroring TTA, no postprocessing) then predicts the untouched cases once, in
+their own geometry, and the script prints their Dice per structure and the mean over structures
+with a bootstrap 95 % CI (2000 resamples of cases), beside nnU-Net's 5-fold CV, with the wall time,
+the iterations and the peak RSS. The README's recipe (``--fold all``: every training case, no
+validation)::
 
     python benchmarks/bench_hippocampus.py --data-root ../shared/data/msd_hippocampus \
-        --time-limit-min 30 --untouched-fold 4 --fold 0 --out runs/hippo_untouched
+        --time-limit-min 30 --fold all --out runs/hippo_untouched
+
+For a manifest without ``test_internal``, ``--untouched-fold K`` sets the validation cases of fold K
+aside before anything else happens (``--fold`` must then differ from K).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import argparse
 import csv
 import dataclasses
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -84,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.fold.isdigit():
             parser.error(f"--fold must be a number, 'all' or 'all-cv', got {args.fold!r}")
         args.fold = int(args.fold)
-    if args.untouched_fold is None and isinstance(args.fold, str):
-        parser.error("--fold all/all-cv has no validation of its own here: use it with --untouched-fold")
 
     import torch
 
@@ -96,7 +101,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     manifest = load_manifest(args.manifest, data_root=args.data_root)
-    untouched: tuple = ()
+    untouched: tuple = tuple(case for case in manifest.cases if case.subset == "test_internal" and case.label)
+    if untouched and args.untouched_fold is not None:
+        parser.error(f"{args.manifest.name} fixes its untouched split (test_internal): drop --untouched-fold")
+    if untouched:
+        print(
+            f"untouched split: the manifest's {len(untouched)} test_internal cases; planning and training use its "
+            f"{sum(case.subset == 'training' for case in manifest.cases)} training cases",
+            flush=True,
+        )
+    elif isinstance(args.fold, str):
+        parser.error("--fold all/all-cv has no validation of its own: use it with an untouched split")
     if args.untouched_fold is not None:
         if args.untouched_fold == args.fold:
             parser.error("--fold must differ from --untouched-fold: its cases are never trained or validated on")
@@ -170,16 +185,20 @@ def main(argv: list[str] | None = None) -> int:
         f"optimizer {plans['training']['optimizer']} lr {plans['training']['learning_rate']}"
     )
     print(f"augmentation probabilities {plans.get('augmentation', 'nnU-Net defaults')}")
-    print(f"{'structure':<12}{'medseg':>10}{'nnU-Net 3d_fullres CV':>24}")
-    final = result["final_dice"]
-    for name, reference in NNUNET_3D_FULLRES_CV.items():
-        print(f"{name:<12}{final.get(name, float('nan')):>10.4f}{reference:>24.4f}")
-    reference_mean = sum(NNUNET_3D_FULLRES_CV.values()) / len(NNUNET_3D_FULLRES_CV)
-    print(f"{'mean':<12}{final.get('mean', float('nan')):>10.4f}{reference_mean:>24.4f}")
-    print(f"best mean validation Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
+    if args.fold == "all":
+        print("fold all: every training case, no validation of its own (the untouched split below scores it)")
+    else:
+        print(f"{'structure':<12}{'medseg':>10}{'nnU-Net 3d_fullres CV':>24}")
+        final = result["final_dice"]
+        for name, reference in NNUNET_3D_FULLRES_CV.items():
+            print(f"{name:<12}{final.get(name, float('nan')):>10.4f}{reference:>24.4f}")
+        reference_mean = sum(NNUNET_3D_FULLRES_CV.values()) / len(NNUNET_3D_FULLRES_CV)
+        print(f"{'mean':<12}{final.get('mean', float('nan')):>10.4f}{reference_mean:>24.4f}")
+        print(f"best mean validation Dice {result['best_dice']:.4f} at epoch {result['best_epoch']}")
     print(
         f"time: planning {plan_s:.0f} s, training budget {args.time_limit_min} min, training loop "
-        f"{result['elapsed_s']:.0f} s, total {total_s:.0f} s"
+        f"{result['elapsed_s']:.0f} s, total {total_s:.0f} s; peak RSS of this process "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     )
     if iterations and train_s:
         per_epoch = args.iterations_per_epoch or plans["training"]["iterations_per_epoch"]

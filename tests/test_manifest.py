@@ -136,3 +136,37 @@ def test_mistyped_superset_keys(tmp_path: Path, key: str, value, message: str) -
 def test_few_cases_give_leave_one_out_folds() -> None:
     assert kfold_split(["a", "b", "c"]) == [["a"], ["b"], ["c"]]
     assert kfold_split(["a"]) == []
+
+
+def test_test_internal_cases_are_never_planned_trained_or_validated_on(tmp_path: Path) -> None:
+    """An internal test split in the manifest (``case_lists`` with ``test_internal``) is kept out of the
+    folds, fold ``all`` and the planning fingerprint, and is what ``--subset test_internal`` selects."""
+    from medseg.planning import fingerprint_dataset
+
+    path = make_dataset(tmp_path, num_cases=7)
+    content = json.loads(path.read_text())
+    content["case_lists"] = ["training", "test_internal"]
+    content["test_internal"] = content["training"][5:]
+    content["training"] = content["training"][:5]
+    path.write_text(json.dumps(content))
+    manifest = load_manifest(path)
+    held_out = {"case_005", "case_006"}
+    assert {c.case_id for c in manifest.cases if c.subset == "test_internal"} == held_out
+    assert held_out.isdisjoint(i for fold in manifest.folds for i in fold)
+    assert held_out.isdisjoint(c.case_id for c in manifest.fold("all")[0])
+    for fold in range(len(manifest.folds)):
+        train, validation = manifest.fold(fold)
+        assert held_out.isdisjoint(c.case_id for c in (*train, *validation))
+    assert fingerprint_dataset(manifest)["num_cases"] == 5
+
+
+def test_hippocampus_manifest_fixes_fold_4_as_test_internal() -> None:
+    """The shipped hippocampus manifest: 41 test_internal cases = fold 4 of nnU-Net's split of all 208; its
+    4 folds are folds 0-3 of that split, so fold 0 is unchanged."""
+    path = Path(__file__).resolve().parents[1] / "data_manifests" / "msd_hippocampus.json"
+    content = json.loads(path.read_text())
+    every_id = sorted(Path(e["image"]).name.split(".")[0] for e in content["training"] + content["test_internal"])
+    nnunet_folds = kfold_split(every_id)
+    assert len(every_id) == 208
+    assert sorted(Path(e["image"]).name.split(".")[0] for e in content["test_internal"]) == sorted(nnunet_folds[4])
+    assert [sorted(f) for f in content["folds"]] == [sorted(f) for f in nnunet_folds[:4]]

@@ -11,7 +11,9 @@ key                      meaning
 ``regions``              ``{"whole_tumour": ["necrosis", "edema", 3, 4]}`` names or ids
 ``things``               structures scored as instances (lesion-wise metrics, PQ), by name
 ``nsd_tolerance_mm``     a number for every structure, or ``{"structure": mm}``; default 1
-``case_lists``           which lists hold cases; default ``["training", "test"]``
+``case_lists``           which lists hold cases; default ``["training", "test"]``. Only
+                         ``training`` cases are planned on, trained on and split into folds;
+                         an internal test split (``test_internal``) is never used for a choice
 ``raters``               extra label keys scored as other raters: ``{"label_observer2": "observer2"}``
 ``label_value_map``      per label key, stored value -> label id: ``{"label_observer2": {"1": 255}}``
 ``folds``                explicit validation case ids per fold; default: 5 deterministic folds
