@@ -134,7 +134,7 @@ def evaluate(
     """Evaluate predictions against references: per_case.csv, summary.json, report.html."""
     from medseg.evaluation.batch import evaluate as run_evaluation
     from medseg.evaluation.report import write_outputs
-    from medseg.evaluation.summary import summarize
+    from medseg.evaluation.summary import status_counts, summary_records, summary_text
 
     options = dict(
         labels=labels,
@@ -158,18 +158,15 @@ def evaluate(
         from medseg.evaluation.dask_runner import per_worker_text
 
         typer.echo(f"dask: cases scored per worker: {per_worker_text(evaluation.cases_per_worker)}", err=True)
-    full_summary = summarize(evaluation.per_case)  # once: the files and the table below
-    written = write_outputs(evaluation, out, report=not no_report, summary=full_summary)
-    summary = full_summary[full_summary.index.get_level_values("metric").isin(["dice", "hd95_mm", "nsd"])]
-    if not summary.empty:
-        table = summary["mean"].unstack("metric")
-        table["n_scored"] = summary["n_scored"].xs("dice", level="metric")
-        typer.echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    for row in evaluation.failed.itertuples():
-        typer.echo(f"failed: {row.case_id}: {row.message}", err=True)
-    counts = evaluation.cases["status"].value_counts().to_dict()
+    summary = summary_records(evaluation.tables["per_case"].rows)  # once: the files and the table below
+    written = write_outputs(evaluation, out, report=not no_report, summary=summary)
+    if summary:
+        typer.echo(summary_text(summary))
+    for row in evaluation.failed_rows:
+        typer.echo(f"failed: {row['case_id']}: {row['message']}", err=True)
+    counts = status_counts(evaluation.tables["cases"].column("status"))
     typer.echo(
-        f"evaluated {len(evaluation.cases)} cases ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+        f"evaluated {len(evaluation.tables['cases'])} cases ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
         f"dataset mIoU {evaluation.dataset_miou:.4f}; wrote {', '.join(p.name for p in written.values())} to {out}"
     )
     if baseline is not None:
@@ -183,7 +180,7 @@ def evaluate(
         for line in comparison.summary_lines():
             typer.echo(line)
         typer.echo(f"before/after: {out / 'before_after'}")
-    if len(evaluation.failed):
+    if evaluation.failed_rows:
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 
 

@@ -234,3 +234,29 @@ def test_user_errors_of_one_case_become_error_rows(tmp_path: Path) -> None:
         "case3": "missing_prediction",
     }
     assert full.lesion_summary["tp"].tolist() == [1, 1, 1]  # one cube of "a" per case, IoU 1, 60/90, 1
+
+
+def test_written_tables_are_what_pandas_writes_and_summaries_what_pandas_computes(tmp_path: Path) -> None:
+    """medseg evaluate writes and summarises its rows without pandas: every CSV is byte for byte what
+    ``DataFrame.to_csv(index=False)`` writes for the same table, and the summary agrees with pandas' groupby."""
+    ref_dir, pred_dir = _write_batch(tmp_path)
+    (pred_dir / "case2.nii.gz").write_bytes(b"broken")  # an error row: NaNs, a message, a diagonal
+    write_volume(_volume(_cube()), pred_dir / "orphan.nii.gz")  # a case without a reference: None fields
+    evaluation = evaluate(ref_dir, pred_dir, labels=LABELS, things=["a", "b"])
+    assert len(evaluation.tables["lesions"]) and len(evaluation.tables["lesion_summary"])
+    written = write_outputs(evaluation, tmp_path / "out", report=False)
+    for name in ("per_case", "cases", "lesions", "lesion_summary"):
+        frame = getattr(evaluation, name)
+        assert written[name].read_text() == frame.to_csv(index=False), name
+    per_case = evaluation.per_case
+    summary = summarize(per_case)
+    for (structure, metric), row in summary.iterrows():
+        values = per_case.loc[per_case.structure == structure, metric].dropna()
+        assert row["n_scored"] == len(values)
+        assert row["mean"] == pytest.approx(values.mean(), nan_ok=True)
+        assert row["sd"] == pytest.approx(values.std(ddof=1), nan_ok=True)
+        assert row["median"] == pytest.approx(values.median(), nan_ok=True)
+        assert row["q25"] == pytest.approx(values.quantile(0.25), nan_ok=True)
+        counts = per_case.loc[per_case.structure == structure, "status"].value_counts()
+        assert row["n_error"] == counts.get("error", 0) and row["n_ok"] == counts.get("ok", 0)
+    assert list(dict.fromkeys(summary.index.get_level_values("structure"))) == list(dict.fromkeys(per_case.structure))

@@ -1,5 +1,5 @@
-"""The numpy helpers that keep scipy.ndimage and pydicom out of ``medseg evaluate``: each agrees with the
-scipy function it replaces, and the console script's evaluate imports neither."""
+"""The helpers that keep pandas, scipy.ndimage and pydicom out of ``medseg evaluate``: each numpy helper agrees
+with the scipy function it replaces, and the console script's evaluate imports none of the three."""
 
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def test_interior_is_binary_erosion_with_a_full_square() -> None:
         assert np.array_equal(_interior(mask), expected)
 
 
-def test_console_evaluate_imports_neither_scipy_ndimage_nor_pydicom(tmp_path) -> None:
-    """The console script scores and reports a pair without the 0.2-0.3 s imports of scipy.ndimage and pydicom."""
+def test_console_evaluate_imports_neither_pandas_nor_scipy_ndimage_nor_pydicom(tmp_path) -> None:
+    """The console script scores and reports a pair without the 0.2-0.3 s imports of pandas, scipy.ndimage and
+    pydicom."""
     pytest.importorskip("pydicom")  # the dicom extra; without it there is nothing to keep out
     labels = np.zeros((24, 20, 12), np.uint8)
     labels[4:12, 5:15, 2:9] = 1
@@ -97,7 +98,7 @@ def test_console_evaluate_imports_neither_scipy_ndimage_nor_pydicom(tmp_path) ->
         "try:\n"
         "    console()\n"
         "except SystemExit as stop:\n"
-        "    print('exit', stop.code, [m for m in ('scipy.ndimage', 'pydicom') if m in sys.modules])\n"
+        "    print('exit', stop.code, [m for m in ('pandas', 'scipy.ndimage', 'pydicom') if m in sys.modules])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == "exit 0 []", result.stdout + result.stderr

@@ -10,8 +10,9 @@ consensus (:mod:`~medseg.evaluation.raters`), matched lesion volumes and Blandâ€
 (:mod:`~medseg.evaluation.comparison`), summaries with bootstrap CIs
 (:mod:`~medseg.evaluation.summary`) and the written tables, ``summary.json`` and ``report.html``
 (:mod:`~medseg.evaluation.report`, its pictures without matplotlib: :mod:`~medseg.evaluation.figures`).
-It builds on metrics, data, io and core, never on torch. Names load on first use (PEP 562), so
-``medseg evaluate`` imports only what it runs.
+Tables are rows (:mod:`~medseg.evaluation.table`), DataFrames on request. It builds on metrics, data,
+io and core, never on torch. Names load on first use (PEP 562), so ``medseg evaluate`` imports only
+what it runs: neither pandas nor scipy.ndimage.
 """
 
 from __future__ import annotations

@@ -36,10 +36,9 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
 import numpy as np
-import pandas as pd
 
 from medseg.core.labels import LabelSet
 from medseg.core.volume import Volume
@@ -60,8 +59,12 @@ from medseg.evaluation.dask_runner import check_dask_options, dask_client, requi
 from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
 from medseg.evaluation.raters import inter_rater_rows, per_rater_rows
 from medseg.evaluation.summary import summarize
+from medseg.evaluation.table import Table
 from medseg.io.volumes import check_same_grid, read_volume
 from medseg.metrics.overlap import miou_from_confusion
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -69,9 +72,31 @@ __all__ = ["Evaluation", "evaluate"]
 KEPT_LABEL_BYTES = 256 * 2**20
 
 
+#: the tables of an :class:`Evaluation`, in the order they are written
+TABLES = ("per_case", "cases", "lesions", "lesion_summary", "per_rater", "inter_rater")
+
+CASE_COLUMNS = ("case_id", "status", "reference", "prediction", "image", "miou", "message")
+
+
+class _TableFrame:
+    """``evaluation.<name>``: the table of that name as a DataFrame (built on first use)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, evaluation: Evaluation | None, owner: type | None = None) -> pd.DataFrame:
+        if evaluation is None:
+            raise AttributeError(f"{self.name} is a table of an Evaluation instance")
+        return evaluation.tables[self.name].frame()
+
+
 @dataclass
 class Evaluation:
-    """The result of a batch evaluation: pandas tables and the accumulated confusion matrix.
+    """The result of a batch evaluation: its tables and the accumulated confusion matrix.
+
+    Each table is a pandas DataFrame when read as an attribute (``evaluation.per_case``), built on
+    first use; ``tables`` holds the same rows as :class:`~medseg.evaluation.table.Table` objects,
+    which ``medseg evaluate`` writes and summarises without importing pandas.
 
     Attributes:
         per_case: one row per case x structure (:data:`PER_CASE_COLUMNS` + extras).
@@ -80,6 +105,7 @@ class Evaluation:
         lesion_summary: one row per case x thing structure: TP/FP/FN, F1, PQ, AP...
         per_rater: prediction against every rater and against the STAPLE / majority consensus.
         inter_rater: each pair of raters (the human baseline).
+        tables: the six tables above by name (:data:`TABLES`), as rows.
         confusion: summed confusion matrix over all scored cases (dataset-level mIoU).
         settings: the settings used.
         detections: per case x thing structure with scores, the detections record of the pooled
@@ -90,23 +116,30 @@ class Evaluation:
             not read those files again; not part of the results.
     """
 
-    per_case: pd.DataFrame
-    cases: pd.DataFrame
-    lesions: pd.DataFrame
-    lesion_summary: pd.DataFrame
-    per_rater: pd.DataFrame
-    inter_rater: pd.DataFrame
+    tables: dict[str, Table]
     confusion: np.ndarray
     settings: EvaluationSettings
     detections: list[dict[str, Any]] = field(default_factory=list)
     cases_per_worker: dict[str, int] = field(default_factory=dict)
     label_arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
+    per_case = _TableFrame()
+    cases = _TableFrame()
+    lesions = _TableFrame()
+    lesion_summary = _TableFrame()
+    per_rater = _TableFrame()
+    inter_rater = _TableFrame()
+
     @property
     def dataset_miou(self) -> float:
         """Dataset-level mIoU: IoU per foreground class from the summed confusion matrix, averaged."""
         foreground = [i for i, label_id in enumerate(self.settings.labels.ids) if label_id != 0]
         return float(miou_from_confusion(self.confusion, labels=foreground))
+
+    @property
+    def failed_rows(self) -> list[dict[str, Any]]:
+        """Rows of the cases that could not be scored (``case_id``, ``message``...), without pandas."""
+        return [row for row in self.tables["cases"] if row["status"] == "error"]
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -392,7 +425,6 @@ def _assemble(
     results: list[dict[str, Any]], settings: EvaluationSettings, jobs: list[CaseJob], unpaired: list[str]
 ) -> Evaluation:
     rows = [row for r in results for row in r["rows"]]
-    per_case = pd.DataFrame(rows, columns=PER_CASE_COLUMNS + EXTRA_COLUMNS)
     num_classes = len(settings.labels.ids)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     case_rows = []
@@ -422,15 +454,13 @@ def _assemble(
                 "message": "prediction without a reference",
             }
         )
+    tables = {
+        "per_case": Table(rows, columns=tuple(PER_CASE_COLUMNS + EXTRA_COLUMNS)),
+        "cases": Table(case_rows, columns=CASE_COLUMNS),
+        **{name: Table([row for r in results for row in r[name]]) for name in TABLES[2:]},
+    }
     return Evaluation(
-        per_case=per_case,
-        cases=pd.DataFrame(
-            case_rows, columns=["case_id", "status", "reference", "prediction", "image", "miou", "message"]
-        ),
-        lesions=pd.DataFrame([row for r in results for row in r["lesions"]]),
-        lesion_summary=pd.DataFrame([row for r in results for row in r["lesion_summary"]]),
-        per_rater=pd.DataFrame([row for r in results for row in r["per_rater"]]),
-        inter_rater=pd.DataFrame([row for r in results for row in r["inter_rater"]]),
+        tables=tables,
         confusion=confusion,
         settings=settings,
         detections=[record for r in results for record in r.get("detections", [])],

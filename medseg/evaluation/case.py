@@ -22,10 +22,9 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from medseg.core.components import connected_components
 from medseg.core.labels import LabelSet, Structure
@@ -33,6 +32,9 @@ from medseg.core.resample import resample_to
 from medseg.core.volume import Volume
 from medseg.data.manifest import DEFAULT_NSD_TOLERANCE_MM
 from medseg.errors import GeometryMismatchError, InvalidFileError, LabelValueError, MedsegUserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "PER_CASE_COLUMNS",

@@ -6,6 +6,9 @@
 * :func:`summary_json`: summaries (:func:`medseg.evaluation.summary.summarize`), mIoU (dataset
   level and mean of cases), lesion totals (with AP both as the mean of per-case APs and pooled
   over all cases' lesions as COCO reports it), the settings, the definitions and the version.
+
+Everything here works on the evaluation's rows (:class:`~medseg.evaluation.table.Table`); pandas is
+imported only for the lesion and rater sections, when there are lesions or raters to show.
 """
 
 from __future__ import annotations
@@ -16,18 +19,25 @@ import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from medseg import __version__
-from medseg.evaluation.batch import Evaluation
+from medseg.evaluation.batch import TABLES, Evaluation
 from medseg.evaluation.figures import box_plot_svg, overlay_png
-from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, summarize
-from medseg.io.files import atomic_path, write_json, write_text
+from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, status_counts, summary_records
+from medseg.evaluation.table import rows_by
+from medseg.io.files import write_json, write_text
 from medseg.io.volumes import read_volume
 from medseg.metrics.surface_search import label_boxes
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: a summary as :func:`~medseg.evaluation.summary.summary_records` gives it
+Records = Sequence[Mapping[str, Any]]
 
 __all__ = ["summary_json", "write_outputs", "write_report", "figure_png", "table_html"]
 
@@ -42,30 +52,38 @@ _AP_POOLED = (
 )
 
 
-def summary_json(evaluation: Evaluation, *, summary: pd.DataFrame | None = None) -> dict[str, Any]:
+def _summary(evaluation: Evaluation, summary: Records | None) -> Records:
+    return summary_records(evaluation.tables["per_case"].rows) if summary is None else summary
+
+
+def summary_json(evaluation: Evaluation, *, summary: Records | None = None) -> dict[str, Any]:
     """The content of ``summary.json``: summaries, mIoU, lesion totals, definitions, version.
 
-    ``summary`` is ``summarize(evaluation.per_case)`` when the caller already has it (its bootstrap is
-    the costly part).
+    ``summary`` is ``summary_records(...)`` of the per-case rows when the caller already has it (its
+    bootstrap is the costly part).
     """
-    summary = summarize(evaluation.per_case) if summary is None else summary
+    summary = _summary(evaluation, summary)
     structures: dict[str, Any] = {}
-    for (structure, metric), row in summary.iterrows():
-        entry = structures.setdefault(str(structure), {"status_counts": {s: int(row[f"n_{s}"]) for s in STATUSES}})
-        entry[metric] = {
+    for row in summary:
+        entry = structures.setdefault(
+            str(row["structure"]), {"status_counts": {s: int(row[f"n_{s}"]) for s in STATUSES}}
+        )
+        entry[row["metric"]] = {
             "n": int(row["n"]),
             "n_scored": int(row["n_scored"]),
             **{k: float(row[k]) for k in ("mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high")},
         }
-    spacing_known = bool(evaluation.per_case["spacing_known"].fillna(True).all()) if len(evaluation.per_case) else True
-    case_miou = evaluation.cases["miou"].to_numpy(dtype=float)
+    per_case, cases = evaluation.tables["per_case"], evaluation.tables["cases"]
+    spacing_known = all(value is not False for value in per_case.column("spacing_known"))
+    case_miou = np.array([np.nan if v is None else v for v in cases.column("miou")], dtype=float)
     case_miou = case_miou[~np.isnan(case_miou)]
+    lesion_rows = evaluation.tables["lesion_summary"].rows
     content = {
         "medseg_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "num_cases": int(len(evaluation.cases)),
-        "case_status_counts": {str(k): int(v) for k, v in evaluation.cases["status"].value_counts().items()},
-        "failed_cases": evaluation.failed[["case_id", "message"]].to_dict("records"),
+        "num_cases": len(cases),
+        "case_status_counts": status_counts(cases.column("status")),
+        "failed_cases": [{"case_id": r["case_id"], "message": r["message"]} for r in evaluation.failed_rows],
         "structures": structures,
         "miou": {
             "dataset_level": evaluation.dataset_miou,
@@ -73,7 +91,7 @@ def summary_json(evaluation: Evaluation, *, summary: pd.DataFrame | None = None)
             "mean_of_case_miou": float(case_miou.mean()) if len(case_miou) else float("nan"),
             "case_miou_definition": "per case, mean IoU over single-label structures present in the reference or the prediction",
         },
-        "lesions": lesion_totals(evaluation.lesion_summary, evaluation.detections),
+        "lesions": lesion_totals(evaluation.lesion_summary, evaluation.detections) if lesion_rows else {},
         "settings": evaluation.settings.to_json(),
         "units": "mm"
         if spacing_known
@@ -98,17 +116,12 @@ def summary_json(evaluation: Evaluation, *, summary: pd.DataFrame | None = None)
     return nan_to_none(content)
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        frame.to_csv(temporary, index=False)
-
-
 def write_outputs(
-    evaluation: Evaluation, out: str | Path, *, report: bool = True, summary: pd.DataFrame | None = None
+    evaluation: Evaluation, out: str | Path, *, report: bool = True, summary: Records | None = None
 ) -> dict[str, Path]:
     """Write every table, ``summary.json`` and (optionally) ``report.html`` into ``out``, atomically.
 
-    ``summary`` is ``summarize(evaluation.per_case)`` when the caller already has it.
+    ``summary`` is ``summary_records(...)`` of the per-case rows when the caller already has it.
 
     Returns:
         Mapping of output name -> path written.
@@ -116,19 +129,11 @@ def write_outputs(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    tables = {
-        "per_case": evaluation.per_case,
-        "cases": evaluation.cases,
-        "lesions": evaluation.lesions,
-        "lesion_summary": evaluation.lesion_summary,
-        "per_rater": evaluation.per_rater,
-        "inter_rater": evaluation.inter_rater,
-    }
-    for name, frame in tables.items():
-        if name in ("per_case", "cases") or not frame.empty:
-            _write_csv(frame, out / f"{name}.csv")
-            written[name] = out / f"{name}.csv"
-    summary = summarize(evaluation.per_case) if summary is None else summary  # once, for both
+    for name in TABLES:
+        table = evaluation.tables[name]
+        if name in ("per_case", "cases") or len(table):
+            written[name] = table.write_csv(out / f"{name}.csv")
+    summary = _summary(evaluation, summary)  # once, for both
     content = summary_json(evaluation, summary=summary)
     write_json(content, out / "summary.json")
     written["summary"] = out / "summary.json"
@@ -147,12 +152,15 @@ def figure_png(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _box_plots(per_case: pd.DataFrame, metrics: Sequence[str]) -> list[tuple[str, str]]:
+def _box_plots(per_case: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[tuple[str, str]]:
     """``(metric, SVG data URI)`` of each metric with values (see :func:`~medseg.evaluation.figures.box_plot_svg`)."""
     plots = []
-    structures = list(dict.fromkeys(per_case["structure"]))
+    groups = rows_by(per_case, "structure")
     for metric in metrics:
-        data = {s: per_case.loc[per_case["structure"] == s, metric].dropna().to_numpy() for s in structures}
+        data = {}
+        for structure, rows in groups.items():
+            values = np.array([np.nan if r.get(metric) is None else r[metric] for r in rows], dtype=float)
+            data[structure] = values[~np.isnan(values)]
         if not any(len(d) for d in data.values()):
             continue
         plots.append((metric, box_plot_svg(data, metric=metric)))
@@ -178,6 +186,34 @@ def _overlay(
     return overlay_png(reference, prediction, background), title
 
 
+def _number(value: Any, digits: int) -> str:
+    """A table cell: ``digits`` decimals (significant digits from 1000 on), NaN / None as a dash."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def rows_html(header: Sequence[str], rows: Sequence[Sequence[Any]], *, index_columns: int = 1, digits: int = 4) -> str:
+    """A compact HTML table: the first ``index_columns`` cells of each row as row headers, numbers as in
+    :func:`table_html`."""
+    head = "".join(f"<th>{html.escape(str(name))}</th>" for name in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<th>{html.escape(str(cell))}</th>"
+            if i < index_columns
+            else f"<td>{html.escape(_number(cell, digits))}</td>"
+            for i, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f'<table class="t"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
 def table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
     """A DataFrame as a compact HTML table (``digits`` decimals, NaN as a dash)."""
     return frame.to_html(
@@ -193,23 +229,28 @@ def write_report(
     path: str | Path,
     *,
     worst: int = 5,
-    summary: pd.DataFrame | None = None,
+    summary: Records | None = None,
     content: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a self-contained HTML report (summary table, box plots, worst-case overlays).
 
-    ``summary`` is ``summarize(evaluation.per_case)`` and ``content`` the matching
+    ``summary`` is ``summary_records(...)`` of the per-case rows and ``content`` the matching
     :func:`summary_json` when the caller already has them.
     """
     path = Path(path)
-    summary = summarize(evaluation.per_case) if summary is None else summary
+    summary = _summary(evaluation, summary)
     content = summary_json(evaluation, summary=summary) if content is None else content
-    per_case = evaluation.per_case
-    compact = pd.DataFrame()
-    statuses = pd.DataFrame()
-    if not summary.empty:
-        compact = summary[["n_scored", "mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high"]]
-        statuses = summary.xs("dice", level="metric")[[f"n_{s}" for s in STATUSES]].rename(columns=lambda c: c[2:])
+    per_case = evaluation.tables["per_case"].rows
+    statistics = ("n_scored", "mean", "sd", "median", "q25", "q75", "ci95_low", "ci95_high")
+    compact = rows_html(
+        ("structure", "metric", *statistics),
+        [(r["structure"], r["metric"], *(r[k] for k in statistics)) for r in summary],
+        index_columns=2,
+    )
+    statuses = rows_html(
+        ("structure", *STATUSES),
+        [(r["structure"], *(r[f"n_{s}"] for s in STATUSES)) for r in summary if r["metric"] == "dice"],
+    )
     sections = [
         f"<h1>medseg evaluation report</h1><p>{html.escape(content['created'])} · medseg "
         f"{html.escape(content['medseg_version'])} · {content['num_cases']} cases · "
@@ -219,8 +260,8 @@ def write_report(
         "structure has of each kind. CI: 95% percentile bootstrap of the mean. NSD tolerance: "
         + html.escape(", ".join(f"{k} {v:g} mm" for k, v in content["settings"]["nsd_tolerance_mm"].items()))
         + ".</p>"
-        + (table_html(compact) if not compact.empty else "<p>no rows</p>"),
-        "<h2>Status counts (rows per structure)</h2>" + (table_html(statuses) if not statuses.empty else ""),
+        + (compact if summary else "<p>no rows</p>"),
+        "<h2>Status counts (rows per structure)</h2>" + (statuses if summary else ""),
         f"<h2>mIoU</h2><p>dataset-level (summed confusion matrix): <b>{_fmt(content['miou']['dataset_level'])}</b>; "
         f"mean of per-case mIoU: <b>{_fmt(content['miou']['mean_of_case_miou'])}</b></p>",
     ]
@@ -230,12 +271,12 @@ def write_report(
             "(each case weighs equally). <b>ap50_pooled / ap75_pooled</b>: COCO's dataset-level AP, the scored "
             "lesions of all cases ranked together (each lesion weighs equally; false positives of cases without "
             "reference lesions count). <b>*_pooled</b> lesion precision / recall / F1 come from the summed "
-            "TP/FP/FN.</p>" + table_html(pd.DataFrame(content["lesions"]).T)
+            "TP/FP/FN.</p>" + table_html(_frame(content["lesions"]).T)
         )
-    if not evaluation.inter_rater.empty:
+    if len(evaluation.tables["inter_rater"]):
         inter = evaluation.inter_rater.groupby(["rater_a", "rater_b", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
         sections.append("<h2>Inter-rater agreement (human baseline)</h2>" + table_html(inter))
-    if not evaluation.per_rater.empty:
+    if len(evaluation.tables["per_rater"]):
         per_rater = evaluation.per_rater.groupby(["rater", "structure"])[["dice", "hd95_mm", "nsd"]].mean()
         sections.append("<h2>Prediction against each rater and the consensus</h2>" + table_html(per_rater))
     plots = _box_plots(per_case, ["dice", "hd95_mm", "nsd"])
@@ -244,13 +285,12 @@ def write_report(
             "<h2>Distributions</h2>" + "".join(f'<img alt="{html.escape(m)} box plot" src="{src}">' for m, src in plots)
         )
     sections.append(_worst_section(evaluation, worst))
-    failed = evaluation.failed
-    if len(failed):
+    failed = evaluation.failed_rows
+    if failed:
         sections.append(
             "<h2>Failed cases</h2><ul>"
             + "".join(
-                f"<li><b>{html.escape(str(r.case_id))}</b>: {html.escape(str(r.message))}</li>"
-                for r in failed.itertuples()
+                f"<li><b>{html.escape(str(r['case_id']))}</b>: {html.escape(str(r['message']))}</li>" for r in failed
             )
             + "</ul>"
         )
@@ -266,6 +306,13 @@ def write_report(
         "img{margin:4px;border:1px solid #eee}</style></head><body>" + "\n".join(sections) + "</body></html>"
     )
     return write_text(page, path)
+
+
+def _frame(content: Mapping[str, Any]) -> pd.DataFrame:
+    """A DataFrame of a mapping (the lesion section: pandas is imported only when there are lesions)."""
+    import pandas as pd
+
+    return pd.DataFrame(content)
 
 
 def _fmt(value: Any) -> str:
@@ -294,17 +341,23 @@ def _largest_slice(
     return union[2].start + int(np.argmax(area))
 
 
+def _dice_order(row: Mapping[str, Any]) -> tuple[bool, float]:
+    """Sort key: lowest Dice first, NaN last."""
+    dice = row.get("dice")
+    missing = dice is None or np.isnan(dice)
+    return missing, 0.0 if missing else float(dice)
+
+
 def _worst_section(evaluation: Evaluation, worst: int) -> str:
-    per_case = evaluation.per_case
-    scored = per_case[per_case["status"].isin(["ok", "pred_empty", "ref_empty"])].sort_values("dice").head(worst)
-    if scored.empty:
+    scorable = [r for r in evaluation.tables["per_case"] if r["status"] in ("ok", "pred_empty", "ref_empty")]
+    rows = [SimpleNamespace(**row) for row in sorted(scorable, key=_dice_order)[:worst]]
+    if not rows:
         return ""
-    cases = evaluation.cases.set_index("case_id")
-    rows = list(scored.itertuples())
+    cases = {row["case_id"]: SimpleNamespace(**row) for row in evaluation.tables["cases"]}
     sources: dict[int, tuple[str, str] | None] = {}
     # the volumes of each case are read once, however many of its structures are among the worst
     for case_id in dict.fromkeys(row.case_id for row in rows):
-        case = cases.loc[case_id]
+        case = cases[case_id]
         if not isinstance(case.reference, str) or not isinstance(case.prediction, str):
             continue
         try:

@@ -20,14 +20,27 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
+from medseg.evaluation.table import rows_by
 from medseg.metrics.detection import pooled_average_precision
 
-__all__ = ["summarize", "worst_case_table", "lesion_totals", "nan_to_none", "DEFAULT_SUMMARY_METRICS", "STATUSES"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "summarize",
+    "summary_records",
+    "summary_text",
+    "status_counts",
+    "worst_case_table",
+    "lesion_totals",
+    "nan_to_none",
+    "DEFAULT_SUMMARY_METRICS",
+    "STATUSES",
+]
 
 DEFAULT_SUMMARY_METRICS = ("dice", "iou", "precision", "recall", "hd_mm", "hd95_mm", "assd_mm", "nsd", "volume_diff_ml")
 
@@ -41,6 +54,9 @@ STATUSES = ("ok", "both_empty", "ref_empty", "pred_empty", "missing_prediction",
 _BOOTSTRAP = 2000
 
 
+_FAILURES = ("ref_empty", "pred_empty", "missing_prediction", "error")
+
+
 def worst_case_table(per_case: pd.DataFrame) -> pd.DataFrame:
     """A copy of ``per_case`` with failures scored as the worst case (MetricsReloaded).
 
@@ -49,12 +65,20 @@ def worst_case_table(per_case: pd.DataFrame) -> pd.DataFrame:
     ``both_empty`` rows stay NaN (there was nothing to find).
     """
     table = per_case.copy()
-    scored_as_failure = table["status"].isin(["ref_empty", "pred_empty", "missing_prediction", "error"])
+    scored_as_failure = table["status"].isin(list(_FAILURES))
     for metric in ("dice", "iou", "nsd"):
         table.loc[scored_as_failure, metric] = 0.0
     for metric in _DISTANCES:
         table.loc[scored_as_failure, metric] = table.loc[scored_as_failure, "image_diagonal_mm"]
     return table
+
+
+def _worst_case_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One row as :func:`worst_case_table` scores it."""
+    if row.get("status") not in _FAILURES:
+        return dict(row)
+    diagonal = row.get("image_diagonal_mm")
+    return {**row, "dice": 0.0, "iou": 0.0, "nsd": 0.0, **{metric: diagonal for metric in _DISTANCES}}
 
 
 def _bootstrap_ci(values: np.ndarray, *, seed: int) -> tuple[float, float]:
@@ -64,6 +88,88 @@ def _bootstrap_ci(values: np.ndarray, *, seed: int) -> tuple[float, float]:
     means = values[rng.integers(0, len(values), size=(_BOOTSTRAP, len(values)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+def _as_float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def summary_records(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    metrics: Sequence[str] = DEFAULT_SUMMARY_METRICS,
+    empty: Literal["exclude", "worst"] = "exclude",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`summarize` on the per-case rows themselves: one record per structure and metric.
+
+    Each record has ``structure``, ``metric`` and the columns :func:`summarize` returns; structures
+    in order of first appearance. Needs no pandas (``medseg evaluate`` uses it).
+    """
+    if empty not in ("exclude", "worst"):
+        raise ValueError(f"empty must be 'exclude' or 'worst', got {empty!r}")
+    if empty == "worst":
+        rows = [_worst_case_row(row) for row in rows]
+    records = []
+    for structure, group in rows_by(rows, "structure").items():
+        counts: dict[str, int] = {}
+        for row in group:
+            counts[row.get("status")] = counts.get(row.get("status"), 0) + 1
+        for metric in metrics:
+            values = np.array([_as_float(row.get(metric)) for row in group], dtype=float)
+            values = values[~np.isnan(values)]
+            low, high = _bootstrap_ci(values, seed=seed)
+            records.append(
+                {
+                    "structure": structure,
+                    "metric": metric,
+                    "n": len(group),
+                    "n_scored": int(len(values)),
+                    "mean": float(values.mean()) if len(values) else float("nan"),
+                    "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                    "median": float(np.median(values)) if len(values) else float("nan"),
+                    "q25": float(np.percentile(values, 25)) if len(values) else float("nan"),
+                    "q75": float(np.percentile(values, 75)) if len(values) else float("nan"),
+                    "ci95_low": low,
+                    "ci95_high": high,
+                    **{f"n_{s}": int(counts.get(s, 0)) for s in STATUSES},
+                }
+            )
+    return records
+
+
+def status_counts(statuses: Sequence[Any]) -> dict[str, int]:
+    """Count of each status, most frequent first (ties in order of first appearance), as ``value_counts``."""
+    counts: dict[str, int] = {}
+    for status in statuses:
+        if status is not None:
+            counts[str(status)] = counts.get(str(status), 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def summary_text(records: Sequence[Mapping[str, Any]], *, metrics: Sequence[str] = ("dice", "hd95_mm", "nsd")) -> str:
+    """The terminal table of ``medseg evaluate``: per structure, the mean of each metric (4 decimals, NaN
+    as ``NaN``) and ``n_scored`` (of the first metric)."""
+    means: dict[str, dict[str, float]] = {}
+    scored: dict[str, int] = {}
+    for record in records:
+        if record["metric"] in metrics:
+            structure = str(record["structure"])
+            means.setdefault(structure, {})[record["metric"]] = record["mean"]
+            if record["metric"] == metrics[0]:
+                scored[structure] = record["n_scored"]
+    header = ["structure", *metrics, "n_scored"]
+    lines = [
+        [name, *(f"{means[name].get(m, float('nan')):.4f}" for m in metrics), str(scored.get(name, 0))]
+        for name in means
+    ]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))
+        )
+        for row in [header, *lines]
+    )
 
 
 def summarize(
@@ -82,36 +188,12 @@ def summarize(
         seed: bootstrap seed.
 
     Returns:
-        DataFrame indexed by (structure, metric).
+        DataFrame indexed by (structure, metric): :func:`summary_records` as a table.
     """
+    import pandas as pd
+
     table = per_case if isinstance(per_case, pd.DataFrame) else per_case.per_case
-    if empty not in ("exclude", "worst"):
-        raise ValueError(f"empty must be 'exclude' or 'worst', got {empty!r}")
-    if empty == "worst":
-        table = worst_case_table(table)
-    records = []
-    for structure, group in table.groupby("structure", sort=False):
-        counts = group["status"].value_counts()
-        for metric in metrics:
-            values = group[metric].to_numpy(dtype=float)
-            values = values[~np.isnan(values)]
-            low, high = _bootstrap_ci(values, seed=seed)
-            records.append(
-                {
-                    "structure": structure,
-                    "metric": metric,
-                    "n": int(len(group)),
-                    "n_scored": int(len(values)),
-                    "mean": float(values.mean()) if len(values) else float("nan"),
-                    "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
-                    "median": float(np.median(values)) if len(values) else float("nan"),
-                    "q25": float(np.percentile(values, 25)) if len(values) else float("nan"),
-                    "q75": float(np.percentile(values, 75)) if len(values) else float("nan"),
-                    "ci95_low": low,
-                    "ci95_high": high,
-                    **{f"n_{s}": int(counts.get(s, 0)) for s in STATUSES},
-                }
-            )
+    records = summary_records(table.to_dict("records"), metrics=metrics, empty=empty, seed=seed)
     return pd.DataFrame(records).set_index(["structure", "metric"]) if records else pd.DataFrame()
 
 

@@ -40,13 +40,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 
 from medseg.core.components import connected_components
 from medseg.metrics.detection import average_precision
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "LESION_COLUMNS",
@@ -491,4 +493,6 @@ def _lesion_rows(
                     "score": float(score[k]),
                 }
             )
+    import pandas as pd  # here: a semantic-only evaluation never builds a lesion table
+
     return pd.DataFrame(rows, columns=list(LESION_COLUMNS))
