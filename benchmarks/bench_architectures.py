@@ -1,4 +1,4 @@
-"""Benchmark: dynunet, fcn and deeplabv3plus side by side, each with the same wall-clock budget and fold.
+"""Benchmark: dynunet, fcn, deeplabv3plus and maskrcnn side by side, each with the same wall-clock budget and fold.
 
 For every dataset x architecture: ``plan_dataset(..., architecture=NAME)`` (the plans as planned,
 nothing tuned per architecture), ``train`` fold 0 for ``--budget-min`` minutes of wall time
@@ -11,12 +11,16 @@ prediction (mirroring TTA on, the run's best checkpoint) and ``medseg`` evaluati
   predicted on the 20 labelled test images, Dice against observer 1 and against observer 2,
   beside observer 2 against observer 1 (the human baseline).
 
+* ``ms-lesions``: the 3 MS-lesion cases (leave one case out: fold 0 trains on two and predicts the
+  third), ``dynunet`` (``3d``; instances = connected components, scored for AP by their mean
+  probability) against ``maskrcnn`` (``2d`` slice by slice, its own instances linked across slices
+  and scored by the detector): lesion-wise F1, PQ, AP50 and AP75 (``--lesion-architectures``).
+
 Reported per row: parameters, iterations, iterations/s, best validation Dice (training's own,
 on the preprocessed grid), Dice per structure in the input geometry, predict seconds per case.
-``maskrcnn`` (instances, MS lesions AP50/AP75) is not part of this benchmark yet.
 
-The real run needs ``--budget-min 10`` or more (3 architectures x 3 datasets: ~1.5 h of training
-plus prediction on 2 CPU cores); run it alone on the machine. Smoke run (minutes)::
+The real run needs ``--budget-min 10`` or more (3 architectures x 3 datasets and 2 on MS lesions:
+~1.9 h of training plus prediction on 2 CPU cores); run it alone on the machine. Smoke run (minutes)::
 
     python benchmarks/bench_architectures.py --budget-min 0.2 --max-predict-cases 1 --datasets drive \\
         --out /tmp/bench_arch_smoke
@@ -39,8 +43,10 @@ DATASETS = {
     "hippocampus-3d": ("msd_hippocampus.json", "msd_hippocampus", "3d", "training"),
     "hippocampus-2d": ("msd_hippocampus.json", "msd_hippocampus", "2d", "training"),
     "drive": ("drive_retina.json", "drive_retina", "2d", "test_labelled"),
+    "ms-lesions": ("ms_lesions.json", "ms_lesions_lesjak", "", "fold 0 validation"),
 }
 ARCHITECTURES = ("dynunet", "fcn", "deeplabv3plus")
+LESION_ARCHITECTURES = {"dynunet": "3d", "maskrcnn": "2d"}  # maskrcnn plans 2D only: slice by slice
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -116,29 +122,110 @@ def run_one(
     return row
 
 
+def run_lesions(
+    architecture: str, *, data_root: Path, out: Path, budget_min: float, max_cases: int | None
+) -> dict[str, Any]:
+    """MS lesions with one architecture: plan, train fold 0, predict fold 0's validation case with
+    ``predict_batch`` (instances and their scores, as ``medseg predict`` writes them), score lesions."""
+    import torch
+
+    from medseg.data.manifest import load_manifest
+    from medseg.evaluation import evaluate
+    from medseg.inference.batch import predict_batch
+    from medseg.model.networks import build_network
+    from medseg.planning import plan_dataset
+    from medseg.training import train
+
+    manifest_name, folder, _, _ = DATASETS["ms-lesions"]
+    config = LESION_ARCHITECTURES[architecture]
+    manifest_path = REPO / "data_manifests" / manifest_name
+    root = data_root / folder
+    work = out / "ms-lesions" / architecture
+    plans = plan_dataset(manifest_path, data_root=root, out=work / "plans.json", architecture=architecture)
+    manifest = load_manifest(manifest_path, data_root=root)
+    cfg = plans["configurations"][config]
+    network = build_network(cfg, in_channels=len(plans["normalization"]), out_channels=manifest.labels.num_classes)
+    parameters = sum(p.numel() for p in network.parameters())
+    del network
+    result = train(
+        manifest, plans=plans, config=config, fold=0, out_dir=work / "run", time_limit_min=budget_min, progress=False
+    )
+    cases = list(manifest.fold(0)[1])[: max_cases or None]
+    # a manifest of the validation cases alone (same data root, the case ids kept), for predict_batch
+    content = json.loads(manifest_path.read_text())
+    wanted = {c.case_id: c for c in cases}
+    entries = []
+    for entry in content["training"]:
+        image = (root / entry["image"]).resolve()
+        case_id = next((i for i, c in wanted.items() if Path(c.images[0]).resolve() == image), None)
+        if case_id is not None:
+            entries.append({**entry, "id": case_id})
+    subset_manifest = work / "validation_manifest.json"
+    subset_manifest.write_text(json.dumps({**content, "training": entries, "test": [], "folds": None}))
+    predictions = work / "predictions"
+    clock = time.perf_counter()
+    predict_batch(
+        work / "run",
+        subset_manifest,
+        predictions,
+        data_root=root,
+        device="cpu",
+        tta=True,
+        save_probabilities=architecture != "maskrcnn",
+        progress=False,
+    )
+    predict_s = (time.perf_counter() - clock) / max(len(cases), 1)
+    scores = {"scores": predictions / "instances"} if architecture == "maskrcnn" else {}
+    probabilities = {"probabilities": predictions / "probabilities"} if architecture != "maskrcnn" else {}
+    evaluation = evaluate(
+        subset_manifest, predictions, data_root=root, out=work / "evaluation", **scores, **probabilities
+    )
+    lesions = evaluation.lesion_summary
+    row: dict[str, Any] = {
+        "dataset": "ms-lesions",
+        "architecture": architecture,
+        "config": config,
+        "patch_size": cfg["patch_size"],
+        "parameters": parameters,
+        "iterations": result["iterations"],
+        "iterations_per_s": round(result["iterations"] / max(result["elapsed_s"], 1e-9), 3),
+        "best_val_dice": round(result["best_dice"], 4),
+        "predicted_cases": len(cases),
+        "predict_s_per_case": round(predict_s, 2),
+        "torch": torch.__version__,
+        "dice_white-matter lesion": round(float(evaluation.per_case["dice"].mean()), 4),
+    }
+    for key in ("lesion_f1", "pq", "ap50", "ap75", "tp", "fp", "fn"):
+        if key in lesions:
+            row[key] = (
+                round(float(lesions[key].mean()), 4) if key not in ("tp", "fp", "fn") else int(lesions[key].sum())
+            )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-min", type=float, default=10.0, help="Training wall time per architecture.")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    parser.add_argument(
+        "--lesion-architectures",
+        nargs="+",
+        default=list(LESION_ARCHITECTURES),
+        choices=list(LESION_ARCHITECTURES),
+        help="Architectures of the ms-lesions rows.",
+    )
     parser.add_argument("--max-predict-cases", type=int, default=None, help="Predict only this many cases.")
     parser.add_argument("--out", type=Path, default=Path("bench_architectures"))
     args = parser.parse_args()
     rows = []
+    options = dict(data_root=args.data_root, out=args.out, budget_min=args.budget_min, max_cases=args.max_predict_cases)
     for dataset in args.datasets:
-        for architecture in args.architectures:
+        lesions = dataset == "ms-lesions"
+        for architecture in args.lesion_architectures if lesions else args.architectures:
             print(f"{dataset} / {architecture}: {args.budget_min} min", flush=True)
-            rows.append(
-                run_one(
-                    dataset,
-                    architecture,
-                    data_root=args.data_root,
-                    out=args.out,
-                    budget_min=args.budget_min,
-                    max_cases=args.max_predict_cases,
-                )
-            )
+            rows.append(run_lesions(architecture, **options) if lesions else run_one(dataset, architecture, **options))
             print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

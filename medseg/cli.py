@@ -500,6 +500,8 @@ def predict(
         from medseg.evaluation.dask_runner import per_worker_text
 
         typer.echo(f"dask: cases predicted per worker: {per_worker_text(result.cases_per_worker)}", err=True)
+    for case_id, message in result.notes:
+        typer.echo(f"note: {case_id}: {message}", err=True)
     for case_id, message in result.failed:
         typer.echo(f"failed: {case_id}: {message}", err=True)
     typer.echo(

@@ -104,6 +104,7 @@ def test_panoptic_map_and_table_file(tmp_path) -> None:
     ]
     panoptic = panoptic_from_instances(labels, instances, table, divisor=1000)
     assert panoptic[0, 0] == 2001 and panoptic[3, 3] == 2002 and panoptic[0, 3] == 1000 and panoptic[1, 3] == 0
+    assert panoptic_from_instances(labels, instances, table, divisor=2) is None  # 2 lesions: beyond a divisor of 2
     path = write_instance_table(table, tmp_path / "instances" / "case.csv")
     rows = list(csv.DictReader(open(path)))
     assert [r["instance_id"] for r in rows] == ["1", "2"] and rows[0]["score"] == "0.9"

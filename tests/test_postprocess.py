@@ -146,6 +146,21 @@ def test_instance_and_panoptic_maps():
     assert np.array_equal(panoptic // PANOPTIC_DIVISOR, array)
 
 
+def test_more_instances_than_the_panoptic_encoding_numbers_keep_the_instance_map():
+    """1200 one-voxel lesions (an untrained model's speckle): the instance map numbers them all, the panoptic
+    map (label x 1000 + instance) cannot and is None instead of failing the case."""
+    array = np.zeros((40, 40, 6), np.uint8)
+    array[::2, ::2, ::2] = 2  # 20 x 20 x 3 = 1200 isolated voxels
+    array[1, 1, 1] = 1
+    instances, panoptic = instance_maps(array, labels=LABELS, things=("lesion",), spacing_mm=(1, 1, 1))
+    assert panoptic is None
+    assert instances.max() == 1200 and np.array_equal(instances > 0, array == 2)
+    few = array.copy()
+    few[10:, :, :] = 0
+    instances, panoptic = instance_maps(few, labels=LABELS, things=("lesion",), spacing_mm=(1, 1, 1))
+    assert panoptic is not None and np.array_equal(panoptic // PANOPTIC_DIVISOR, few)
+
+
 def test_watershed_splits_touching_lesions():
     shape = (40, 30, 30)
     array = np.zeros(shape, np.uint8)

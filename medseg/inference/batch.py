@@ -92,6 +92,7 @@ class BatchResult:
         predicted: case ids predicted in this call.
         skipped: case ids whose complete outputs were reused.
         failed: ``(case_id, message)`` of cases that failed.
+        notes: ``(case_id, message)`` of cases predicted with a remark (e.g. no panoptic map).
         record: path of ``medseg_predict.json``.
         elapsed_s: wall time of the call.
         cases_per_worker: cases predicted by each Dask worker (empty without Dask).
@@ -100,6 +101,7 @@ class BatchResult:
     predicted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
     record: Path | None = None
     elapsed_s: float = 0.0
     cases_per_worker: dict[str, int] = field(default_factory=dict)
@@ -444,6 +446,7 @@ def predict_batch(
         record["cases"][job.case_id] = entry
         if entry["status"] == "ok":
             result.predicted.append(job.case_id)
+            result.notes += [(job.case_id, note) for note in entry.get("notes", [])]
         else:
             result.failed.append((job.case_id, entry["error"]))
             if progress:
@@ -497,6 +500,7 @@ def predict_batch(
     record["cases"] = dict(sorted(record["cases"].items(), key=lambda item: order.get(item[0], len(order))))
     result.predicted.sort(key=order.__getitem__)
     result.failed.sort(key=lambda failure: order[failure[0]])
+    result.notes.sort(key=lambda note: order[note[0]])
     _write_record(record, record_path)
     if statistics:
         _write_all_statistics(record, output)

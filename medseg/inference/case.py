@@ -84,6 +84,7 @@ def predict_case(
                 prediction.labels, output / output_name, labels=segmenter.labels, source=images[0]
             )
         }
+        panoptic_array = None
         if write_instances and segmenter.predicts_instances:  # a detector's own instances, with scores
             instance_volume, table = segmenter.predict_instances(volume)
             panoptic_array = panoptic_from_instances(
@@ -91,9 +92,6 @@ def predict_case(
             )
             written["instances"] = write_volume(instance_volume, output / "instances" / f"{case_id}.nii.gz")
             written["instance_scores"] = write_instance_table(table, output / "instances" / f"{case_id}.csv")
-            written["panoptic"] = write_volume(
-                prediction.labels.with_array(panoptic_array[None]), output / "panoptic" / f"{case_id}.nii.gz"
-            )
         elif write_instances:
             instance_array, panoptic_array = instance_maps(
                 prediction.labels.array[0],
@@ -105,6 +103,14 @@ def predict_case(
             written["instances"] = write_volume(
                 prediction.labels.with_array(instance_array[None]), output / "instances" / f"{case_id}.nii.gz"
             )
+        notes = []
+        if write_instances and panoptic_array is None:
+            (output / "panoptic" / f"{case_id}.nii.gz").unlink(missing_ok=True)  # not an earlier run's map
+            notes.append(
+                f"panoptic map not written: a structure has {PANOPTIC_DIVISOR} instances or more, more than "
+                f"label x {PANOPTIC_DIVISOR} + instance can number (instances/{case_id}.nii.gz holds them all)"
+            )
+        elif write_instances:
             written["panoptic"] = write_volume(
                 prediction.labels.with_array(panoptic_array[None]), output / "panoptic" / f"{case_id}.nii.gz"
             )
@@ -129,6 +135,7 @@ def predict_case(
             "spacing_mm": [round(s, 6) for s in volume.spacing_mm],
             "timings_s": prediction.timings_s,
             "seconds": round(time.monotonic() - clock, 3),
+            **({"notes": notes} if notes else {}),
         }
     except (MedsegUserError, MemoryError, torch.cuda.OutOfMemoryError) as error:
         # a bad input or a case too large for this machine must not stop the batch; any other

@@ -212,16 +212,20 @@ def instance_table(
 
 def panoptic_from_instances(
     label_array: np.ndarray, instances: np.ndarray, table: Sequence[Mapping[str, Any]], *, divisor: int
-) -> np.ndarray:
+) -> np.ndarray | None:
     """``label x divisor`` everywhere, and ``label x divisor + k`` on the k-th instance of each label
-    (k = 1, 2, ... in the table's order); an instance's voxels take its own label."""
+    (k = 1, 2, ... in the table's order); an instance's voxels take its own label. None when a label
+    has ``divisor`` instances or more, which the encoding cannot number."""
+    per_label: dict[int, int] = {}
+    for row in table:
+        per_label[int(row["label"])] = per_label.get(int(row["label"]), 0) + 1
+    if any(count >= divisor for count in per_label.values()):
+        return None
     panoptic = label_array.astype(np.int32) * divisor
     count: dict[int, int] = {}
     for row in table:
         label = int(row["label"])
         count[label] = count.get(label, 0) + 1
-        if count[label] >= divisor:
-            raise ValueError(f"more than {divisor - 1} instances of label {label}: the panoptic encoding's limit")
         panoptic[instances == row["instance_id"]] = label * divisor + count[label]
     return panoptic
 

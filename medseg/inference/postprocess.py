@@ -294,7 +294,7 @@ def instance_maps(
     connectivity: int | None = None,
     watershed: bool = False,
     min_distance_mm: float = 3.0,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Instance map and panoptic map (see the module docstring) of a label array.
 
     Args:
@@ -307,13 +307,12 @@ def instance_maps(
         min_distance_mm: smallest distance between two watershed markers.
 
     Returns:
-        ``(instances, panoptic)``: int32 arrays shaped like ``label_array``.
-
-    Raises:
-        ValueError: a structure has more than 999 instances (the panoptic encoding's limit).
+        ``(instances, panoptic)``: int32 arrays shaped like ``label_array``; ``panoptic`` is None when
+        a structure has more than ``PANOPTIC_DIVISOR - 1`` (999) instances, which its encoding
+        cannot hold (the instance map holds them all).
     """
     instances = np.zeros(label_array.shape, dtype=np.int32)
-    panoptic = label_array.astype(np.int32) * PANOPTIC_DIVISOR
+    panoptic: np.ndarray | None = label_array.astype(np.int32) * PANOPTIC_DIVISOR
     structures = {s.name: s for s in labels.structures()}
     next_id = 1
     for name in things:
@@ -326,10 +325,11 @@ def instance_maps(
         if watershed and count:
             components = _split_touching(mask, components, spacing_mm=spacing_mm, min_distance_mm=min_distance_mm)
             count = int(components.max())
-        if count >= PANOPTIC_DIVISOR:
-            raise ValueError(f"{name}: {count} instances exceed the panoptic encoding's {PANOPTIC_DIVISOR - 1}")
         inside = components > 0
         instances[inside] = components[inside] + (next_id - 1)
-        panoptic[inside] = label_array[inside].astype(np.int32) * PANOPTIC_DIVISOR + components[inside]
+        if count >= PANOPTIC_DIVISOR:
+            panoptic = None  # more instances than label x 1000 + instance can number
+        elif panoptic is not None:
+            panoptic[inside] = label_array[inside].astype(np.int32) * PANOPTIC_DIVISOR + components[inside]
         next_id += count
     return instances, panoptic
