@@ -50,22 +50,16 @@ LESION_ARCHITECTURES = {"dynunet": "3d", "maskrcnn": "2d"}  # maskrcnn plans 2D 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_one(
-    dataset: str, architecture: str, *, data_root: Path, out: Path, budget_min: float, max_cases: int | None
+def _plan_and_train(
+    dataset: str, architecture: str, config: str, *, data_root: Path, out: Path, budget_min: float
 ) -> dict[str, Any]:
-    """Plan, train, predict and evaluate one dataset with one architecture; one result row."""
-    import pandas as pd
-    import torch
-
+    """Plan a dataset's manifest for one architecture (as planned, nothing tuned) and train fold 0."""
     from medseg.data.manifest import load_manifest
-    from medseg.evaluation import evaluate
-    from medseg.inference import Segmenter
-    from medseg.io import read_volume, write_volume
     from medseg.model.networks import build_network
     from medseg.planning import plan_dataset
     from medseg.training import train
 
-    manifest_name, folder, config, predict_subset = DATASETS[dataset]
+    manifest_name, folder, _, _ = DATASETS[dataset]
     manifest_path = REPO / "data_manifests" / manifest_name
     root = data_root / folder
     work = out / dataset / architecture
@@ -78,8 +72,54 @@ def run_one(
     result = train(
         manifest, plans=plans, config=config, fold=0, out_dir=work / "run", time_limit_min=budget_min, progress=False
     )
-    if not (work / "run" / "checkpoint_best.pt").is_file():
+    if not (work / "run" / "checkpoint_last.pt").is_file():
         raise SystemExit(f"{dataset} / {architecture}: no iteration fitted into {budget_min} min; raise --budget-min")
+    return {
+        "manifest_path": manifest_path,
+        "root": root,
+        "work": work,
+        "manifest": manifest,
+        "cfg": cfg,
+        "parameters": parameters,
+        "result": result,
+    }
+
+
+def _row(
+    dataset: str, architecture: str, config: str, trained: dict[str, Any], *, cases: int, predict_s: float
+) -> dict[str, Any]:
+    """The columns every row has: the network, the training and the prediction time."""
+    import torch
+
+    result = trained["result"]
+    return {
+        "dataset": dataset,
+        "architecture": architecture,
+        "config": config,
+        "patch_size": trained["cfg"]["patch_size"],
+        "parameters": trained["parameters"],
+        "iterations": result["iterations"],
+        "iterations_per_s": round(result["iterations"] / max(result["elapsed_s"], 1e-9), 3),
+        "best_val_dice": round(result["best_dice"], 4),
+        "predicted_cases": cases,
+        "predict_s_per_case": round(predict_s, 2),
+        "torch": torch.__version__,
+    }
+
+
+def run_one(
+    dataset: str, architecture: str, *, data_root: Path, out: Path, budget_min: float, max_cases: int | None
+) -> dict[str, Any]:
+    """Plan, train, predict and evaluate one dataset with one architecture; one result row."""
+    import pandas as pd
+
+    from medseg.evaluation import evaluate
+    from medseg.inference import Segmenter
+    from medseg.io import read_volume, write_volume
+
+    _, _, config, predict_subset = DATASETS[dataset]
+    trained = _plan_and_train(dataset, architecture, config, data_root=data_root, out=out, budget_min=budget_min)
+    manifest, work = trained["manifest"], trained["work"]
     if predict_subset == "training":
         cases = list(manifest.fold(0)[1])
     else:
@@ -96,19 +136,7 @@ def run_one(
     evaluation = evaluate(manifest, predictions, subset=predict_subset, out=work / "evaluation")
     ids = {c.case_id for c in cases}
     per_case = evaluation.per_case[evaluation.per_case["case_id"].isin(ids)]
-    row: dict[str, Any] = {
-        "dataset": dataset,
-        "architecture": architecture,
-        "config": config,
-        "patch_size": cfg["patch_size"],
-        "parameters": parameters,
-        "iterations": result["iterations"],
-        "iterations_per_s": round(result["iterations"] / max(result["elapsed_s"], 1e-9), 3),
-        "best_val_dice": round(result["best_dice"], 4),
-        "predicted_cases": len(cases),
-        "predict_s_per_case": round(predict_s, 2),
-        "torch": torch.__version__,
-    }
+    row = _row(dataset, architecture, config, trained, cases=len(cases), predict_s=predict_s)
     for structure, dice in per_case.groupby("structure")["dice"].mean().items():
         row[f"dice_{structure}"] = round(float(dice), 4)
     if not evaluation.per_rater.empty:
@@ -127,29 +155,12 @@ def run_lesions(
 ) -> dict[str, Any]:
     """MS lesions with one architecture: plan, train fold 0, predict fold 0's validation case with
     ``predict_batch`` (instances and their scores, as ``medseg predict`` writes them), score lesions."""
-    import torch
-
-    from medseg.data.manifest import load_manifest
     from medseg.evaluation import evaluate
     from medseg.inference.batch import predict_batch
-    from medseg.model.networks import build_network
-    from medseg.planning import plan_dataset
-    from medseg.training import train
 
-    manifest_name, folder, _, _ = DATASETS["ms-lesions"]
     config = LESION_ARCHITECTURES[architecture]
-    manifest_path = REPO / "data_manifests" / manifest_name
-    root = data_root / folder
-    work = out / "ms-lesions" / architecture
-    plans = plan_dataset(manifest_path, data_root=root, out=work / "plans.json", architecture=architecture)
-    manifest = load_manifest(manifest_path, data_root=root)
-    cfg = plans["configurations"][config]
-    network = build_network(cfg, in_channels=len(plans["normalization"]), out_channels=manifest.labels.num_classes)
-    parameters = sum(p.numel() for p in network.parameters())
-    del network
-    result = train(
-        manifest, plans=plans, config=config, fold=0, out_dir=work / "run", time_limit_min=budget_min, progress=False
-    )
+    trained = _plan_and_train("ms-lesions", architecture, config, data_root=data_root, out=out, budget_min=budget_min)
+    manifest, manifest_path, root, work = (trained[k] for k in ("manifest", "manifest_path", "root", "work"))
     cases = list(manifest.fold(0)[1])[: max_cases or None]
     # a manifest of the validation cases alone (same data root, the case ids kept), for predict_batch
     content = json.loads(manifest_path.read_text())
@@ -181,20 +192,8 @@ def run_lesions(
         subset_manifest, predictions, data_root=root, out=work / "evaluation", **scores, **probabilities
     )
     lesions = evaluation.lesion_summary
-    row: dict[str, Any] = {
-        "dataset": "ms-lesions",
-        "architecture": architecture,
-        "config": config,
-        "patch_size": cfg["patch_size"],
-        "parameters": parameters,
-        "iterations": result["iterations"],
-        "iterations_per_s": round(result["iterations"] / max(result["elapsed_s"], 1e-9), 3),
-        "best_val_dice": round(result["best_dice"], 4),
-        "predicted_cases": len(cases),
-        "predict_s_per_case": round(predict_s, 2),
-        "torch": torch.__version__,
-        "dice_white-matter lesion": round(float(evaluation.per_case["dice"].mean()), 4),
-    }
+    row = _row("ms-lesions", architecture, config, trained, cases=len(cases), predict_s=predict_s)
+    row["dice_white-matter lesion"] = round(float(evaluation.per_case["dice"].mean()), 4)
     for key in ("lesion_f1", "pq", "ap50", "ap75", "tp", "fp", "fn"):
         if key in lesions:
             row[key] = (
