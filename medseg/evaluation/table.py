@@ -61,6 +61,9 @@ class Table:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __repr__(self) -> str:  # a batch's table has thousands of rows: say its size, not its content
+        return f"Table({len(self.rows)} rows x {len(self.columns)} columns: {', '.join(self.columns[:6])}...)"
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.rows)
 
