@@ -28,7 +28,7 @@ from medseg import __version__
 from medseg.evaluation.batch import TABLES, Evaluation
 from medseg.evaluation.figures import box_plot_svg, overlay_png
 from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, status_counts, summary_records
-from medseg.evaluation.table import rows_by
+from medseg.evaluation.table import rows_by, scored_values
 from medseg.io.files import write_json, write_text
 from medseg.io.volumes import read_volume
 from medseg.metrics.surface_search import label_boxes
@@ -75,8 +75,7 @@ def summary_json(evaluation: Evaluation, *, summary: Records | None = None) -> d
         }
     per_case, cases = evaluation.tables["per_case"], evaluation.tables["cases"]
     spacing_known = all(value is not False for value in per_case.column("spacing_known"))
-    case_miou = np.array([np.nan if v is None else v for v in cases.column("miou")], dtype=float)
-    case_miou = case_miou[~np.isnan(case_miou)]
+    case_miou = scored_values(cases.rows, "miou")
     lesion_rows = evaluation.tables["lesion_summary"].rows
     content = {
         "medseg_version": __version__,
@@ -157,10 +156,7 @@ def _box_plots(per_case: Sequence[Mapping[str, Any]], metrics: Sequence[str]) ->
     plots = []
     groups = rows_by(per_case, "structure")
     for metric in metrics:
-        data = {}
-        for structure, rows in groups.items():
-            values = np.array([np.nan if r.get(metric) is None else r[metric] for r in rows], dtype=float)
-            data[structure] = values[~np.isnan(values)]
+        data = {structure: scored_values(rows, metric) for structure, rows in groups.items()}
         if not any(len(d) for d in data.values()):
             continue
         plots.append((metric, box_plot_svg(data, metric=metric)))
@@ -217,7 +213,7 @@ def rows_html(header: Sequence[str], rows: Sequence[Sequence[Any]], *, index_col
 def table_html(frame: pd.DataFrame, *, digits: int = 4) -> str:
     """A DataFrame as a compact HTML table (``digits`` decimals, NaN as a dash)."""
     return frame.to_html(
-        float_format=lambda v: f"{v:.{digits}g}" if abs(v) >= 1000 else f"{v:.{digits}f}",
+        float_format=lambda v: _number(float(v), digits),
         na_rep="–",
         border=0,
         classes="t",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from medseg.evaluation.table import rows_by
+from medseg.evaluation.table import rows_by, scored_values
 from medseg.metrics.detection import pooled_average_precision
 
 if TYPE_CHECKING:
@@ -90,10 +90,6 @@ def _bootstrap_ci(values: np.ndarray, *, seed: int) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _as_float(value: Any) -> float:
-    return float("nan") if value is None else float(value)
-
-
 def summary_records(
     rows: Sequence[Mapping[str, Any]],
     *,
@@ -112,12 +108,9 @@ def summary_records(
         rows = [_worst_case_row(row) for row in rows]
     records = []
     for structure, group in rows_by(rows, "structure").items():
-        counts: dict[str, int] = {}
-        for row in group:
-            counts[row.get("status")] = counts.get(row.get("status"), 0) + 1
+        counts = status_counts([row.get("status") for row in group])
         for metric in metrics:
-            values = np.array([_as_float(row.get(metric)) for row in group], dtype=float)
-            values = values[~np.isnan(values)]
+            values = scored_values(group, metric)
             low, high = _bootstrap_ci(values, seed=seed)
             records.append(
                 {

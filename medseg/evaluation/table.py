@@ -114,6 +114,12 @@ class Table:
         return str(value)
 
 
+def scored_values(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    """The float values of one column over ``rows``, NaN and missing values left out (``dropna``)."""
+    values = np.array([np.nan if row.get(key) is None else row[key] for row in rows], dtype=float)
+    return values[~np.isnan(values)]
+
+
 def rows_by(rows: Sequence[dict[str, Any]], key: str) -> dict[Any, list[dict[str, Any]]]:
     """The rows grouped by one column, groups in order of first appearance (``groupby(sort=False)``)."""
     groups: dict[Any, list[dict[str, Any]]] = {}
