@@ -130,6 +130,11 @@ def evaluate(
         None, "--dask-local", min=1, help="Score cases on a local Dask cluster of N worker processes."
     ),
     dask_threads: int = typer.Option(1, "--dask-threads", min=1, help="Threads of each --dask-local worker."),
+    whole_image: bool = typer.Option(
+        False,
+        "--whole-image",
+        help="Score every pixel, also outside the field-of-view masks a manifest gives (fov_mask, as DRIVE's).",
+    ),
 ) -> None:
     """Evaluate predictions against references: per_case.csv, summary.json, report.html."""
     from medseg.evaluation.batch import evaluate as run_evaluation
@@ -152,6 +157,7 @@ def evaluate(
         scheduler=scheduler,
         dask_local=dask_local,
         dask_threads=dask_threads,
+        field_of_view=not whole_image,
     )
     evaluation = run_evaluation(reference, prediction, out=out, **options)  # type: ignore[arg-type]
     if evaluation.cases_per_worker:

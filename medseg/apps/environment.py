@@ -14,6 +14,7 @@ OPTIONAL_EXTRAS: dict[str, tuple[str, str]] = {
     "dask": ("distributed", "--scheduler / --dask-local: predict and evaluate over a Dask cluster"),
     "onnx": ("onnxruntime", "medseg export --onnx, medseg predict --runtime onnx"),
     "dicom": ("highdicom", "DICOM-SEG out (--output-format dicom-seg) and in (evaluate --reference)"),
+    "architectures": ("torchvision", "2D fcn / deeplabv3plus and maskrcnn (plan --architecture)"),
 }
 
 
@@ -52,6 +53,8 @@ def environment_report(*, include_device: bool = True) -> dict[str, str]:
             state = "available"
         except ImportError:
             state = f"not installed (pip install 'medseg[{extra}]')"
+        except Exception as error:  # noqa: BLE001 - e.g. a torchvision built for another torch fails to load
+            state = f"installed but fails to load ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
         report[f"extra:{extra}"] = f"{state} - {purpose}"
     return report
 

@@ -18,6 +18,8 @@ key                      meaning
 ``label_value_map``      per label key, stored value -> label id: ``{"label_observer2": {"1": 255}}``
 ``folds``                explicit validation case ids per fold; default: 5 deterministic folds
 ``id``                   (per case) the case id; default derived from the image file name
+``fov_mask``             (per case) a field-of-view mask: evaluation scores only inside it
+                         (DRIVE's protocol; :mod:`medseg.evaluation.field_of_view`)
 =======================  ===================================================================
 
 Default folds reproduce nnU-Net's split exactly: the sorted training case ids, shuffled by

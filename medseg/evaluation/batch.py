@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 import numpy as np
 
 from medseg.core.labels import LabelSet
+from medseg.core.resample import resample_to
 from medseg.core.volume import Volume
 from medseg.data.manifest import Manifest, remap_labels
 from medseg.errors import MedsegUserError
@@ -56,6 +57,7 @@ from medseg.evaluation.case import (
     read_instance_table,
 )
 from medseg.evaluation.dask_runner import check_dask_options, dask_client, require_distributed, run_cases
+from medseg.evaluation.field_of_view import outside_to_zero, read_field_of_view
 from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
 from medseg.evaluation.raters import inter_rater_rows, per_rater_rows
 from medseg.evaluation.summary import summarize
@@ -75,7 +77,7 @@ KEPT_LABEL_BYTES = 256 * 2**20
 #: the tables of an :class:`Evaluation`, in the order they are written
 TABLES = ("per_case", "cases", "lesions", "lesion_summary", "per_rater", "inter_rater")
 
-CASE_COLUMNS = ("case_id", "status", "reference", "prediction", "image", "miou", "message")
+CASE_COLUMNS = ("case_id", "status", "reference", "prediction", "image", "field_of_view", "miou", "message")
 
 
 class _TableFrame:
@@ -100,7 +102,8 @@ class Evaluation:
 
     Attributes:
         per_case: one row per case x structure (:data:`PER_CASE_COLUMNS` + extras).
-        cases: one row per case: files, per-case mIoU, status, error message.
+        cases: one row per case: files (with the field-of-view mask scored inside), per-case mIoU,
+            status, error message.
         lesions: one row per lesion of thing structures (empty when none).
         lesion_summary: one row per case x thing structure: TP/FP/FN, F1, PQ, AP...
         per_rater: prediction against every rater and against the STAPLE / majority consensus.
@@ -154,6 +157,24 @@ def _read_label(path: str, value_map: Mapping[int, int] | None = None) -> Volume
     return remap_labels(read_volume(path, kind="label"), value_map)
 
 
+def _restrict(volume: Volume, reference: Volume, inside: np.ndarray, *, resample: bool, tolerance_mm: float) -> Volume:
+    """A rater's or the prediction's labels inside the reference's field of view.
+
+    With ``resample`` (``settings.resample_prediction``) a prediction on another grid is first
+    resampled onto the reference's (nearest neighbour), as :func:`evaluate_pair` would. A volume
+    still on another grid is returned as it is: the pair's grid check then names both files.
+    """
+    if (
+        resample
+        and volume.spatial_ndim == reference.spatial_ndim
+        and not reference.same_geometry(volume, tolerance_mm=tolerance_mm)
+    ):
+        volume = resample_to(volume, reference)
+    if not reference.same_geometry(volume, tolerance_mm=tolerance_mm):
+        return volume
+    return outside_to_zero(volume, inside)
+
+
 def _keep_arrays(kept: dict[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> None:
     """Add ``arrays`` to ``kept`` and drop the oldest entries beyond :data:`KEPT_LABEL_BYTES`."""
     kept.update(arrays)
@@ -174,6 +195,7 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
         "reference": job.reference,
         "prediction": job.prediction,
         "image": job.image,
+        "field_of_view": job.field_of_view,
         "status": "ok",
         "message": "",
         "rows": [],
@@ -192,9 +214,18 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
     pending = reader.submit(_read_label, job.prediction) if reader is not None else None
     try:
         reference = _read_label(job.reference, value_maps.get("rater1"))  # type: ignore[arg-type]
+        inside = None
+        if job.field_of_view is not None:
+            inside = read_field_of_view(job.field_of_view, reference, tolerance_mm=settings.tolerance_mm)
+            reference = outside_to_zero(reference, inside)
         raters = [("rater1", reference)] + [
             (name, _read_label(path, value_maps.get(name))) for name, path in job.raters
         ]
+        if inside is not None:
+            raters[1:] = [
+                (name, _restrict(r, reference, inside, resample=False, tolerance_mm=settings.tolerance_mm))
+                for name, r in raters[1:]
+            ]
         if len(raters) > 1:
             result["inter_rater"] = inter_rater_rows(job.case_id, raters, settings)
         if job.prediction is None:
@@ -202,11 +233,20 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
             result["rows"] = empty_rows(job.case_id, settings, "missing_prediction", reference=reference)
             return result
         prediction = pending.result()  # type: ignore[union-attr]
+        if inside is not None:
+            prediction = _restrict(
+                prediction,
+                reference,
+                inside,
+                resample=settings.resample_prediction,
+                tolerance_mm=settings.tolerance_mm,
+            )
         if kept is not None and not value_maps.get("rater1"):
             _keep_arrays(kept, {job.reference: reference.array[0], job.prediction: prediction.array[0]})
         probabilities = read_volume(job.probabilities) if job.probabilities else None
         if probabilities is not None:
             check_same_grid(reference, probabilities, tolerance_mm=settings.tolerance_mm)
+            probabilities = outside_to_zero(probabilities, inside) if inside is not None else probabilities
         instances, instance_scores = None, None
         if job.instances is not None:
             if job.instance_scores is None:
@@ -215,6 +255,7 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
                 )
             instances = read_volume(job.instances, kind="label")
             check_same_grid(reference, instances, tolerance_mm=settings.tolerance_mm)
+            instances = outside_to_zero(instances, inside) if inside is not None else instances
             instance_scores = read_instance_table(job.instance_scores)
         pair = evaluate_pair(
             reference,
@@ -262,6 +303,7 @@ def evaluate(
     scheduler: str | None = None,
     dask_local: int | None = None,
     dask_threads: int = 1,
+    field_of_view: bool = True,
 ) -> Evaluation:
     """Evaluate a folder of predictions against references; see the module docstring.
 
@@ -293,6 +335,9 @@ def evaluate(
             the paths must be valid on its workers); see :mod:`medseg.evaluation.dask_runner`.
         dask_local: score them on a local Dask cluster of this many worker processes instead.
         dask_threads: threads of each local Dask worker.
+        field_of_view: score a manifest case only inside its field-of-view mask (per-case key
+            ``fov_mask``, as DRIVE's protocol does; :mod:`medseg.evaluation.field_of_view`).
+            False scores every pixel.
 
     Raises:
         MedsegUserError: an invalid option (named), before any case is read; missing folders or
@@ -310,7 +355,13 @@ def evaluate(
     elif nsd_tolerance_mm is not None:
         tolerances = {"*": check_tolerance("nsd_tolerance_mm", nsd_tolerance_mm)}
     jobs, manifest, unpaired = case_jobs(
-        reference, prediction, data_root=data_root, probabilities=probabilities, subset=subset, scores=scores
+        reference,
+        prediction,
+        data_root=data_root,
+        probabilities=probabilities,
+        subset=subset,
+        scores=scores,
+        field_of_view=field_of_view,
     )
     label_set, label_manifest = resolve_labels(labels, manifest, Path(data_root) if data_root else None)
     source = label_manifest or manifest
@@ -438,6 +489,7 @@ def _assemble(
                 "reference": result["reference"],
                 "prediction": result["prediction"],
                 "image": result.get("image"),
+                "field_of_view": result.get("field_of_view"),
                 "miou": _case_miou(result["rows"], settings),
                 "message": result["message"],
             }
@@ -450,6 +502,7 @@ def _assemble(
                 "reference": None,
                 "prediction": None,
                 "image": None,
+                "field_of_view": None,
                 "miou": np.nan,
                 "message": "prediction without a reference",
             }

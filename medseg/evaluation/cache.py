@@ -4,7 +4,7 @@ A case's key hashes everything its result depends on: the cache format, the meds
 version may compute a metric differently), every evaluation setting (labels, regions, things, NSD
 tolerances, connectivity, matching, resampling, geometry tolerance), the case id and the path,
 size and modification time of every input file (reference, prediction, probabilities, further
-raters) with the raters' label value maps. A stored result whose key differs is recomputed.
+raters, field-of-view mask) with the raters' label value maps. A stored result whose key differs is recomputed.
 The settings are :meth:`~medseg.evaluation.case.EvaluationSettings.to_json`, which holds every
 field of the settings, so a new setting is part of the key without a change here.
 
@@ -54,6 +54,7 @@ def case_key(job: CaseJob, settings_json: str) -> str:
         file_key(job.instance_scores),
         [(name, file_key(path)) for name, path in job.raters],
         [list(v) for v in job.value_maps],
+        file_key(job.field_of_view),
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 

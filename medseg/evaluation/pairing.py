@@ -15,6 +15,7 @@ from pathlib import Path
 from medseg.core.labels import LabelSet
 from medseg.data.manifest import Manifest, load_manifest, manifest_from_dict
 from medseg.errors import ManifestError, MedsegUserError
+from medseg.evaluation.field_of_view import FOV_KEY
 from medseg.io.files import read_json
 from medseg.io.volumes import DICOM_SEG_SUFFIX, VOLUME_SUFFIXES, strip_volume_suffix, volume_suffix
 
@@ -32,6 +33,7 @@ class CaseJob:
     instance_scores: str | None = None  # its table (instance_id, label, score, ...), a .csv beside it
     raters: tuple[tuple[str, str], ...] = ()  # (rater name, path) beyond the primary reference
     value_maps: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    field_of_view: str | None = None  # the case's field-of-view mask: only pixels inside it are scored
 
 
 def find_volumes(folder: Path) -> dict[str, Path]:
@@ -83,7 +85,13 @@ def case_jobs(
     probabilities: str | os.PathLike[str] | None,
     subset: str | None,
     scores: str | os.PathLike[str] | None = None,
+    field_of_view: bool = True,
 ) -> tuple[list[CaseJob], Manifest | None, list[str]]:
+    """The cases to score, the reference manifest (None for a folder) and the unpaired predictions.
+
+    ``field_of_view``: score a manifest case only inside its ``fov_mask`` when it has one
+    (:mod:`medseg.evaluation.field_of_view`).
+    """
     prediction_files = find_volumes(Path(prediction))
     probability_files = find_volumes(Path(probabilities)) if probabilities is not None else {}
     instance_files = find_volumes(Path(scores)) if scores is not None else {}
@@ -122,6 +130,7 @@ def case_jobs(
                     image=str(case.images[0]),
                     raters=raters,
                     value_maps=value_maps,
+                    field_of_view=str(case.extras[FOV_KEY]) if field_of_view and FOV_KEY in case.extras else None,
                     **instances_of(case.case_id),
                 )
             )

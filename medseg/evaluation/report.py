@@ -92,6 +92,7 @@ def summary_json(evaluation: Evaluation, *, summary: Records | None = None) -> d
         },
         "lesions": lesion_totals(evaluation.lesion_summary, evaluation.detections) if lesion_rows else {},
         "settings": evaluation.settings.to_json(),
+        "field_of_view_cases": sum(1 for path in cases.column("field_of_view") if path),
         "units": "mm"
         if spacing_known
         else "pixels (the files carry no physical spacing; distances are in pixel units)",
@@ -109,6 +110,7 @@ def summary_json(evaluation: Evaluation, *, summary: Records | None = None) -> d
             "ap50_pooled": _AP_POOLED.format(threshold="0.5"),
             "ap75_mean": _AP_MEAN.format(threshold="0.75"),
             "ap75_pooled": _AP_POOLED.format(threshold="0.75"),
+            "field_of_view_cases": "cases scored only inside their field-of-view mask (manifest key fov_mask): outside it every label is background and every probability 0",
             "summaries": "NaN excluded; n_scored counts values used; 95% CI = percentile bootstrap of the mean, 2000 resamples, seed 0",
         },
     }
@@ -255,7 +257,13 @@ def write_report(
         "<p>NaN values (empty cases) are excluded from means; the status counts below say how many rows each "
         "structure has of each kind. CI: 95% percentile bootstrap of the mean. NSD tolerance: "
         + html.escape(", ".join(f"{k} {v:g} mm" for k, v in content["settings"]["nsd_tolerance_mm"].items()))
-        + ".</p>"
+        + "."
+        + (
+            f" {content['field_of_view_cases']} cases are scored only inside their field-of-view mask."
+            if content["field_of_view_cases"]
+            else ""
+        )
+        + "</p>"
         + (compact if summary else "<p>no rows</p>"),
         "<h2>Status counts (rows per structure)</h2>" + (statuses if summary else ""),
         f"<h2>mIoU</h2><p>dataset-level (summed confusion matrix): <b>{_fmt(content['miou']['dataset_level'])}</b>; "
