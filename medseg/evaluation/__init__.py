@@ -24,7 +24,7 @@ from typing import Any
 _LAZY: dict[str, str] = {
     "bland_altman": "medseg.evaluation.agreement",
     "matched_lesion_volumes": "medseg.evaluation.agreement",
-    "Evaluation": "medseg.evaluation.batch",
+    "Evaluation": "medseg.evaluation.result",
     "evaluate": "medseg.evaluation.batch",
     "PER_CASE_COLUMNS": "medseg.evaluation.case",
     "EvaluationSettings": "medseg.evaluation.case",

@@ -37,7 +37,7 @@ def matched_lesion_volumes(lesions: pd.DataFrame | Any) -> pd.DataFrame:
     """One row per matched reference lesion: its volume and its matched prediction's volume (ml).
 
     Args:
-        lesions: the ``lesions`` table of an :class:`~medseg.evaluation.batch.Evaluation` (or the
+        lesions: the ``lesions`` table of an :class:`~medseg.evaluation.result.Evaluation` (or the
             Evaluation itself, or a ``lesions.csv`` read with pandas).
 
     Returns:

@@ -34,21 +34,17 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
 import numpy as np
 
 from medseg.core.labels import LabelSet
-from medseg.core.resample import resample_to
 from medseg.core.volume import Volume
 from medseg.data.manifest import Manifest, remap_labels
 from medseg.errors import MedsegUserError
 from medseg.evaluation.cache import case_key, load_cached, store_cached
 from medseg.evaluation.case import (
-    EXTRA_COLUMNS,
-    PER_CASE_COLUMNS,
     EvaluationSettings,
     check_options,
     check_tolerance,
@@ -57,16 +53,14 @@ from medseg.evaluation.case import (
     read_instance_table,
 )
 from medseg.evaluation.dask_runner import check_dask_options, dask_client, require_distributed, run_cases
-from medseg.evaluation.field_of_view import outside_to_zero, read_field_of_view
+from medseg.evaluation.field_of_view import outside_to_zero, read_field_of_view, restrict_to_field_of_view
 from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
 from medseg.evaluation.raters import inter_rater_rows, per_rater_rows
-from medseg.evaluation.summary import summarize
-from medseg.evaluation.table import Table
+from medseg.evaluation.result import Evaluation, assemble
 from medseg.io.volumes import check_same_grid, read_volume
-from medseg.metrics.overlap import miou_from_confusion
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -74,105 +68,8 @@ __all__ = ["Evaluation", "evaluate"]
 KEPT_LABEL_BYTES = 256 * 2**20
 
 
-#: the tables of an :class:`Evaluation`, in the order they are written
-TABLES = ("per_case", "cases", "lesions", "lesion_summary", "per_rater", "inter_rater")
-
-CASE_COLUMNS = ("case_id", "status", "reference", "prediction", "image", "field_of_view", "miou", "message")
-
-
-class _TableFrame:
-    """``evaluation.<name>``: the table of that name as a DataFrame (built on first use)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, evaluation: Evaluation | None, owner: type | None = None) -> pd.DataFrame:
-        if evaluation is None:
-            raise AttributeError(f"{self.name} is a table of an Evaluation instance")
-        return evaluation.tables[self.name].frame()
-
-
-@dataclass
-class Evaluation:
-    """The result of a batch evaluation: its tables and the accumulated confusion matrix.
-
-    Each table is a pandas DataFrame when read as an attribute (``evaluation.per_case``), built on
-    first use; ``tables`` holds the same rows as :class:`~medseg.evaluation.table.Table` objects,
-    which ``medseg evaluate`` writes and summarises without importing pandas.
-
-    Attributes:
-        per_case: one row per case x structure (:data:`PER_CASE_COLUMNS` + extras).
-        cases: one row per case: files (with the field-of-view mask scored inside), per-case mIoU,
-            status, error message.
-        lesions: one row per lesion of thing structures (empty when none).
-        lesion_summary: one row per case x thing structure: TP/FP/FN, F1, PQ, AP...
-        per_rater: prediction against every rater and against the STAPLE / majority consensus.
-        inter_rater: each pair of raters (the human baseline).
-        tables: the six tables above by name (:data:`TABLES`), as rows.
-        confusion: summed confusion matrix over all scored cases (dataset-level mIoU).
-        settings: the settings used.
-        detections: per case x thing structure with scores, the detections record of the pooled
-            (COCO dataset-level) AP; see :class:`~medseg.evaluation.case.PairResult`.
-        cases_per_worker: cases scored by each Dask worker in this call (empty without Dask).
-        label_arrays: label arrays a serial run read, by file path, kept (up to
-            :data:`KEPT_LABEL_BYTES`, most recent first) so the report's worst-case overlays need
-            not read those files again; not part of the results.
-    """
-
-    tables: dict[str, Table]
-    confusion: np.ndarray
-    settings: EvaluationSettings
-    detections: list[dict[str, Any]] = field(default_factory=list)
-    cases_per_worker: dict[str, int] = field(default_factory=dict)
-    label_arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
-
-    per_case = _TableFrame()
-    cases = _TableFrame()
-    lesions = _TableFrame()
-    lesion_summary = _TableFrame()
-    per_rater = _TableFrame()
-    inter_rater = _TableFrame()
-
-    @property
-    def dataset_miou(self) -> float:
-        """Dataset-level mIoU: IoU per foreground class from the summed confusion matrix, averaged."""
-        foreground = [i for i, label_id in enumerate(self.settings.labels.ids) if label_id != 0]
-        return float(miou_from_confusion(self.confusion, labels=foreground))
-
-    @property
-    def failed_rows(self) -> list[dict[str, Any]]:
-        """Rows of the cases that could not be scored (``case_id``, ``message``...), without pandas."""
-        return [row for row in self.tables["cases"] if row["status"] == "error"]
-
-    @property
-    def failed(self) -> pd.DataFrame:
-        """Cases that could not be scored, with their error messages."""
-        return self.cases[self.cases["status"] == "error"]
-
-    def _repr_html_(self) -> str:  # notebooks
-        return summarize(self.per_case).to_html(float_format=lambda v: f"{v:.4f}")
-
-
 def _read_label(path: str, value_map: Mapping[int, int] | None = None) -> Volume:
     return remap_labels(read_volume(path, kind="label"), value_map)
-
-
-def _restrict(volume: Volume, reference: Volume, inside: np.ndarray, *, resample: bool, tolerance_mm: float) -> Volume:
-    """A rater's or the prediction's labels inside the reference's field of view.
-
-    With ``resample`` (``settings.resample_prediction``) a prediction on another grid is first
-    resampled onto the reference's (nearest neighbour), as :func:`evaluate_pair` would. A volume
-    still on another grid is returned as it is: the pair's grid check then names both files.
-    """
-    if (
-        resample
-        and volume.spatial_ndim == reference.spatial_ndim
-        and not reference.same_geometry(volume, tolerance_mm=tolerance_mm)
-    ):
-        volume = resample_to(volume, reference)
-    if not reference.same_geometry(volume, tolerance_mm=tolerance_mm):
-        return volume
-    return outside_to_zero(volume, inside)
 
 
 def _keep_arrays(kept: dict[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> None:
@@ -223,7 +120,10 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
         ]
         if inside is not None:
             raters[1:] = [
-                (name, _restrict(r, reference, inside, resample=False, tolerance_mm=settings.tolerance_mm))
+                (
+                    name,
+                    restrict_to_field_of_view(r, reference, inside, resample=False, tolerance_mm=settings.tolerance_mm),
+                )
                 for name, r in raters[1:]
             ]
         if len(raters) > 1:
@@ -234,7 +134,7 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
             return result
         prediction = pending.result()  # type: ignore[union-attr]
         if inside is not None:
-            prediction = _restrict(
+            prediction = restrict_to_field_of_view(
                 prediction,
                 reference,
                 inside,
@@ -391,7 +291,7 @@ def evaluate(
         per_worker=per_worker,
         kept=kept,
     )
-    evaluation = _assemble(results, settings, jobs, unpaired)
+    evaluation = assemble(results, settings, unpaired)
     evaluation.cases_per_worker = per_worker
     evaluation.label_arrays = kept
     return evaluation
@@ -470,60 +370,3 @@ def _run_jobs(
     if bar is not None:
         bar.close()
     return [results[job.case_id] for job in jobs]
-
-
-def _assemble(
-    results: list[dict[str, Any]], settings: EvaluationSettings, jobs: list[CaseJob], unpaired: list[str]
-) -> Evaluation:
-    rows = [row for r in results for row in r["rows"]]
-    num_classes = len(settings.labels.ids)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    case_rows = []
-    for result in results:
-        if result["confusion"] is not None:
-            confusion += np.asarray(result["confusion"], dtype=np.int64)
-        case_rows.append(
-            {
-                "case_id": result["case_id"],
-                "status": result["status"],
-                "reference": result["reference"],
-                "prediction": result["prediction"],
-                "image": result.get("image"),
-                "field_of_view": result.get("field_of_view"),
-                "miou": _case_miou(result["rows"], settings),
-                "message": result["message"],
-            }
-        )
-    for case_id in unpaired:
-        case_rows.append(
-            {
-                "case_id": case_id,
-                "status": "no_reference",
-                "reference": None,
-                "prediction": None,
-                "image": None,
-                "field_of_view": None,
-                "miou": np.nan,
-                "message": "prediction without a reference",
-            }
-        )
-    tables = {
-        "per_case": Table(rows, columns=tuple(PER_CASE_COLUMNS + EXTRA_COLUMNS)),
-        "cases": Table(case_rows, columns=CASE_COLUMNS),
-        **{name: Table([row for r in results for row in r[name]]) for name in TABLES[2:]},
-    }
-    return Evaluation(
-        tables=tables,
-        confusion=confusion,
-        settings=settings,
-        detections=[record for r in results for record in r.get("detections", [])],
-    )
-
-
-def _case_miou(rows: list[dict[str, Any]], settings: EvaluationSettings) -> float:
-    """Mean IoU over the single-label structures of a case that are present in either mask."""
-    regions = set(settings.labels.regions)
-    values = [
-        r["iou"] for r in rows if r["structure"] not in regions and r["status"] in ("ok", "ref_empty", "pred_empty")
-    ]
-    return float(np.mean(values)) if values else float("nan")

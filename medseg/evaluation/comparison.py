@@ -1,7 +1,7 @@
 """Paired comparison of two evaluations of the same cases: method B against method A.
 
 :func:`compare` pairs the rows of two ``per_case`` tables (evaluation folders written by
-``medseg evaluate --out``, :class:`~medseg.evaluation.batch.Evaluation` objects or DataFrames) by
+``medseg evaluate --out``, :class:`~medseg.evaluation.result.Evaluation` objects or DataFrames) by
 ``case_id`` and ``structure``. Rows present in only one evaluation are listed in
 :attr:`Comparison.unpaired` and counted (``n_a_only``, ``n_b_only``), never used in a statistic;
 structures present in only one are listed in :attr:`Comparison.structures`. For each structure

@@ -1,4 +1,4 @@
-"""Writing an :class:`~medseg.evaluation.batch.Evaluation`: tables, ``summary.json`` and ``report.html``.
+"""Writing an :class:`~medseg.evaluation.result.Evaluation`: tables, ``summary.json`` and ``report.html``.
 
 * :func:`write_outputs`: ``per_case.csv``, ``cases.csv``, ``lesions.csv`` / ``lesion_summary.csv``
   (thing structures), ``per_rater.csv`` / ``inter_rater.csv`` (several raters), ``summary.json``
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from medseg import __version__
-from medseg.evaluation.batch import TABLES, Evaluation
 from medseg.evaluation.figures import box_plot_svg, overlay_png
+from medseg.evaluation.result import TABLES, Evaluation
 from medseg.evaluation.summary import STATUSES, lesion_totals, nan_to_none, status_counts, summary_records
 from medseg.evaluation.table import rows_by, scored_values
 from medseg.io.files import write_json, write_text

@@ -208,7 +208,7 @@ def lesion_totals(lesion_summary: pd.DataFrame, detections: Sequence[Mapping[str
     Args:
         lesion_summary: the ``lesion_summary`` table (one row per case x thing structure).
         detections: the cases' detections records (``case_id``, ``structure``, ``scores``,
-            ``pairs``, ``n_ref``), as :attr:`~medseg.evaluation.batch.Evaluation.detections`.
+            ``pairs``, ``n_ref``), as :attr:`~medseg.evaluation.result.Evaluation.detections`.
 
     Returns:
         Per structure: ``cases, tp, fp, fn``, ``lesion_{precision,recall,f1}_pooled`` (from the

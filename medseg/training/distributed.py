@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from medseg.errors import MedsegUserError
 
-__all__ = ["Ranks", "agree", "barrier", "mean_over_ranks", "process_group", "rank_device"]
+__all__ = ["Ranks", "agree", "barrier", "data_parallel", "mean_over_ranks", "process_group", "rank_device"]
 
 # validation and checkpoints on rank 0 can take minutes while the other ranks wait at a barrier;
 # torch's defaults (10 min for NCCL) would end a long validation run for nothing.
@@ -141,3 +141,26 @@ def barrier(ranks: Ranks | None) -> None:
     """Wait until every rank arrives (while rank 0 validates and writes); no-op without ranks."""
     if ranks is not None:
         dist.barrier()
+
+
+def data_parallel(network: torch.nn.Module, *, ranks: Ranks | None, device: torch.device) -> torch.nn.Module:
+    """``network`` wrapped in ``DistributedDataParallel`` when several ranks train it (else itself).
+
+    Every rank then starts from rank 0's weights (DDP broadcasts them) and averages its gradients.
+    DDP's gradient buckets copy each parameter's strides, and the backward pass gives 1x1 kernels
+    contiguous gradients: those kernels get contiguous strides first (the same memory either way).
+    A network with ``find_unused_parameters = True`` (a detector whose heads skip empty batches)
+    tells DDP so.
+    """
+    if ranks is None:
+        return network
+    from torch.nn.parallel import DistributedDataParallel
+
+    for parameter in network.parameters():
+        if parameter.dim() > 2 and all(n == 1 for n in parameter.shape[2:]):
+            parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+    return DistributedDataParallel(
+        network,
+        device_ids=[device] if device.type == "cuda" else None,
+        find_unused_parameters=bool(getattr(network, "find_unused_parameters", False)),
+    )

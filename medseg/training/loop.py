@@ -58,15 +58,22 @@ from medseg.errors import ManifestError, MedsegUserError
 from medseg.io.files import write_json
 from medseg.model.checkpoint import load_checkpoint, save_checkpoint
 from medseg.model.device import autocast_dtype, select_device
-from medseg.model.windows import sliding_window_logits
 from medseg.planning.plans import check_plans_match, load_plans, validate_plans
 from medseg.training.data import CaseCache, EpochBatches, epoch_batches, epoch_seed
-from medseg.training.distributed import Ranks, agree, barrier, mean_over_ranks, process_group, rank_device
+from medseg.training.distributed import (
+    Ranks,
+    agree,
+    barrier,
+    data_parallel,
+    mean_over_ranks,
+    process_group,
+    rank_device,
+)
 from medseg.training.ema import WeightAverage
 from medseg.training.options import TrainOptions
 from medseg.training.state import loader_workers as choose_loader_workers
-from medseg.training.state import make_optimizer, rng_state, set_rng_state, write_history
-from medseg.training.validation import validate
+from medseg.training.state import make_optimizer, restore_run, run_snapshot, write_history
+from medseg.training.validation import estimate_validation_seconds, validate
 
 __all__ = ["train", "train_fold"]
 
@@ -163,7 +170,6 @@ def train_fold(
     With ``ranks``, the process group must be initialised (:func:`~medseg.training.distributed.process_group`).
     """
     from monai.transforms import Compose
-    from torch.nn.parallel import DistributedDataParallel
     from tqdm.auto import tqdm
 
     from medseg.model.networks import build_network
@@ -261,22 +267,11 @@ def train_fold(
         write_json(plans, out_dir / "plans.json")
 
     # -- data -----------------------------------------------------------------------------------
+    # the fold's cases preprocessed once, within the cache budget: 80 % for training, 20 % for validation
     budget = float(settings.get("cache_budget_gb", 4.0)) * 1024**3
-    label_ids = manifest.labels.ids
-    train_cache = CaseCache(
-        train_cases,
-        training_cache_transforms(plans, config),
-        label_ids=label_ids,
-        budget_bytes=budget * 0.8,
-        workers=workers,
-    )
-    val_cache = CaseCache(
-        val_cases,
-        Compose(preprocessing(plans, config)),
-        label_ids=label_ids,
-        budget_bytes=budget * 0.2,
-        workers=workers,
-    )
+    cache = partial(CaseCache, label_ids=manifest.labels.ids, workers=workers)
+    train_cache = cache(train_cases, training_cache_transforms(plans, config), budget_bytes=budget * 0.8)
+    val_cache = cache(val_cases, Compose(preprocessing(plans, config)), budget_bytes=budget * 0.2)
     # the cached labels hold class indices (the i-th smallest label id -> i; see CaseCache)
     class_of = {label_id: index for index, label_id in enumerate(manifest.labels.ids)}
     structures = [(s.name, tuple(class_of[i] for i in s.label_ids)) for s in manifest.labels.structures()]
@@ -302,51 +297,20 @@ def train_fold(
     history: list[dict[str, Any]] = []
     average = WeightAverage(network, decay=ema_decay) if ema_decay > 0 else None
     if checkpoint is not None:
-        state = checkpoint["training"]
-        # with an EMA, "model" holds the average (what prediction uses) and the state the trained weights
-        network.load_state_dict(state.get("network", checkpoint["model"]))
-        if average is not None:
-            if "ema" not in state:
-                raise MedsegUserError(f"{last_path}: run was trained without an EMA; resume it without ema_decay")
-            average.restore(checkpoint["model"], state["ema"])
-        elif "ema" in state:
-            raise MedsegUserError(f"{last_path}: run was trained with an EMA; resume it with the same ema_decay")
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state and amp:
-            scaler.load_state_dict(state["scaler"])
-        epoch, iteration = int(state["epoch"]), int(state["iteration"])
-        elapsed_before = float(state["elapsed_s"])
-        best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
-        history = [dict(row) for row in state["history"]]
-        set_rng_state(state["rng"])
-        saved_seed = state.get("seed")
-        if saved_seed is not None and int(saved_seed) != int(seed):
-            raise MedsegUserError(
-                f"{last_path}: run was started with seed {int(saved_seed)}; resume with the same --seed "
-                f"(got {seed}) or it would not continue the same run"
-            )
-        saved_world_size = int(state.get("world_size", 1))
-        if saved_world_size != world_size:
-            raise MedsegUserError(
-                f"{last_path}: run was trained by {saved_world_size} process(es); resume it with as many "
-                f"(got {world_size}) or it would not continue the same run"
-            )
-    if ranks is not None:
-        # DDP's gradient buckets copy each parameter's strides, and the backward pass gives 1x1 kernels
-        # contiguous gradients: give those kernels contiguous strides too (the same memory either way)
-        for parameter in network.parameters():
-            if parameter.dim() > 2 and all(n == 1 for n in parameter.shape[2:]):
-                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
-    # every rank starts from the same weights (DDP broadcasts rank 0's) and averages its gradients
-    model = (
-        DistributedDataParallel(
-            network,
-            device_ids=[torch_device] if torch_device.type == "cuda" else None,
-            find_unused_parameters=bool(getattr(network, "find_unused_parameters", False)),
+        resumed = restore_run(
+            checkpoint,
+            network=network,
+            optimizer=optimizer,
+            scaler=scaler if amp else None,
+            average=average,
+            seed=seed,
+            world_size=world_size,
+            path=last_path,
         )
-        if ranks is not None
-        else network
-    )
+        epoch, iteration, elapsed_before = resumed["epoch"], resumed["iteration"], resumed["elapsed_s"]
+        best_dice, best_epoch, history = resumed["best_dice"], resumed["best_epoch"], resumed["history"]
+    # every rank starts from the same weights (DDP broadcasts rank 0's) and averages its gradients
+    model = data_parallel(network, ranks=ranks, device=torch_device)
     poly = float(settings.get("poly_exponent", 0.9))
     run_clock = time.monotonic()
 
@@ -371,33 +335,11 @@ def train_fold(
         return min(1.0, max(fractions))
 
     def snapshot() -> dict[str, Any]:
-        training_state = {
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "iteration": iteration,
-            "elapsed_s": elapsed(),
-            "best_dice": best_dice,
-            "best_epoch": best_epoch,
-            "history": history,
-            "rng": rng_state(),
-            "seed": seed,
-            "world_size": world_size,
-        }
-        if amp:
-            training_state["scaler"] = scaler.state_dict()
-        trained = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-        if average is not None:
-            training_state["network"] = trained
-            training_state["ema"] = average.state()
-        return {
-            "model": average.cpu_weights() if average is not None else trained,
-            "plans": plans,
-            "config": config,
-            "labels": manifest.labels.to_json(),
-            "channels": list(manifest.channels),
-            "fold": fold,
-            "training": training_state,
-        }
+        counters = dict(epoch=epoch, iteration=iteration, elapsed_s=elapsed(), best_dice=best_dice)
+        counters.update(best_epoch=best_epoch, history=history, seed=seed, world_size=world_size)
+        facts = dict(plans=plans, config=config, labels=manifest.labels.to_json(), channels=list(manifest.channels))
+        facts["fold"] = fold
+        return run_snapshot(network, optimizer, scaler if amp else None, average, counters=counters, facts=facts)
 
     bar = tqdm(
         total=epochs,
@@ -410,19 +352,15 @@ def train_fold(
     last_val: dict[str, float] = {}
     val_seconds = 0.0
     if time_limit_s and len(val_cache) and main:
-        # reserve the final validation inside the budget: time one case, scale to all of them
-        for _ in range(2):  # the second call is timed: the first pays one-off start-up costs
-            probe_start = time.monotonic()
-            sliding_window_logits(
-                network,
-                val_cache[0]["image"],
-                plans_config=cfg,
-                device=torch_device,
-                amp_dtype=amp_dtype,
-                num_classes=manifest.labels.num_classes,
-                sw_batch_size=int(cfg.get("batch_size", 2)),
-            )
-        val_seconds = (time.monotonic() - probe_start) * len(val_cache) * 1.1
+        # reserve the final validation inside the budget
+        val_seconds = estimate_validation_seconds(
+            network,
+            val_cache,
+            cfg=cfg,
+            device=torch_device,
+            amp_dtype=amp_dtype,
+            num_classes=manifest.labels.num_classes,
+        )
         if iteration == 0 and elapsed() + val_seconds >= time_limit_s:
             raise MedsegUserError(
                 f"--time-limit-min {time_limit_min:g} leaves no time to train: the final validation of "

@@ -8,6 +8,7 @@ input geometry; both use the one sliding-window engine.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from medseg.metrics.overlap import dice_per_structure
 from medseg.model.windows import sliding_window_logits
 from medseg.training.data import CaseCache
 
-__all__ = ["validate"]
+__all__ = ["estimate_validation_seconds", "validate"]
 
 
 def validate(
@@ -60,3 +61,31 @@ def validate(
     finite = [v for v in result.values() if not math.isnan(v)]
     result["mean"] = float(np.mean(finite)) if finite else float("nan")
     return result
+
+
+def estimate_validation_seconds(
+    network: torch.nn.Module,
+    cache: CaseCache,
+    *,
+    cfg: Mapping[str, Any],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    num_classes: int,
+) -> float:
+    """Seconds a validation of every case in ``cache`` will take: one case timed, x cases x 1.1.
+
+    A wall-clock budget reserves this for the final validation. The first case is predicted twice
+    and the second call timed: the first pays one-off start-up costs.
+    """
+    for _ in range(2):
+        start = time.monotonic()
+        sliding_window_logits(
+            network,
+            cache[0]["image"],
+            plans_config=cfg,
+            device=device,
+            amp_dtype=amp_dtype,
+            num_classes=num_classes,
+            sw_batch_size=int(cfg.get("batch_size", 2)),
+        )
+    return (time.monotonic() - start) * len(cache) * 1.1
