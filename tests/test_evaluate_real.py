@@ -123,11 +123,17 @@ def test_drive_two_observers(shared_data: Path, tmp_path: Path) -> None:
     scored = evaluation.per_case[evaluation.per_case.status == "ok"]
     assert len(scored) == 4
     assert scored["dice"].between(0.74, 0.83).all()  # PROVENANCE: 0.742-0.829
+    whole = evaluate(manifest, tmp_path / "pred", subset="test_labelled", field_of_view=False).per_case
     for case in test_cases:  # and exactly 2|A & B| / (|A| + |B|) of the two observers' vessel masks
         a = manifest.read_label(case).array[0] == 255
         b = manifest.read_label(case, key="label_observer2").array[0] == 255
-        dice = 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-        assert scored.set_index("case_id").loc[case.case_id, "dice"] == pytest.approx(dice)
+        fov = read_volume(case.extras["fov_mask"], kind="label").array[0] > 0  # DRIVE's protocol: inside the FOV
+
+        def dice(a: np.ndarray, b: np.ndarray) -> float:
+            return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+        assert scored.set_index("case_id").loc[case.case_id, "dice"] == pytest.approx(dice(a & fov, b & fov))
+        assert whole.set_index("case_id").loc[case.case_id, "dice"] == pytest.approx(dice(a, b))
     inter = evaluation.inter_rater
     # inter-rater agreement covers every test case with two observers, predicted or not
     assert set(inter.rater_b) == {"observer2"} and len(inter) == 20  # 20 cases x 1 structure
