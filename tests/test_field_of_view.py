@@ -95,3 +95,21 @@ def test_a_mask_of_another_size_fails_its_case_naming_the_mask(tmp_path) -> None
     assert statuses[case.case_id] == "error" and list(statuses.values()).count("ok") == 1
     message = result.cases.set_index("case_id").loc[case.case_id, "message"]
     assert Path(case.extras["fov_mask"]).name in message and "geometry differs" in message
+
+
+def test_a_prediction_on_a_finer_grid_is_resampled_then_masked() -> None:
+    """``resample_prediction``: onto the reference grid first (nearest neighbour), then the mask applies."""
+    from medseg.core.volume import Volume
+    from medseg.evaluation.field_of_view import restrict_to_field_of_view
+
+    reference = Volume(np.zeros((1, 4, 4, 2), np.uint8), np.eye(4), kind="label")
+    fine_affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    fine_affine[:3, 3] = -0.25  # voxel centres of the 2x finer grid nest inside the coarse voxels
+    prediction = Volume(np.ones((1, 8, 8, 4), np.uint8), fine_affine, kind="label")
+    inside = np.zeros((4, 4, 2), bool)
+    inside[1:3, 1:3] = True
+
+    restricted = restrict_to_field_of_view(prediction, reference, inside, resample=True, tolerance_mm=1e-3)
+    assert restricted.spatial_shape == (4, 4, 2) and np.array_equal(restricted.channel(0) > 0, inside)
+    # without resampling a volume on another grid is left for the pair's grid check to name
+    assert restrict_to_field_of_view(prediction, reference, inside, resample=False, tolerance_mm=1e-3) is prediction

@@ -35,7 +35,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import numpy as np
 
@@ -58,9 +58,6 @@ from medseg.evaluation.pairing import CaseJob, case_jobs, resolve_labels
 from medseg.evaluation.raters import inter_rater_rows, per_rater_rows
 from medseg.evaluation.result import Evaluation, assemble
 from medseg.io.volumes import check_same_grid, read_volume
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -118,14 +115,9 @@ def _run_job(job: CaseJob, settings: EvaluationSettings, kept: dict[str, np.ndar
         raters = [("rater1", reference)] + [
             (name, _read_label(path, value_maps.get(name))) for name, path in job.raters
         ]
-        if inside is not None:
-            raters[1:] = [
-                (
-                    name,
-                    restrict_to_field_of_view(r, reference, inside, resample=False, tolerance_mm=settings.tolerance_mm),
-                )
-                for name, r in raters[1:]
-            ]
+        if inside is not None:  # the other raters too, on the reference's grid
+            grid = {"resample": False, "tolerance_mm": settings.tolerance_mm}
+            raters[1:] = [(name, restrict_to_field_of_view(r, reference, inside, **grid)) for name, r in raters[1:]]
         if len(raters) > 1:
             result["inter_rater"] = inter_rater_rows(job.case_id, raters, settings)
         if job.prediction is None:
