@@ -384,6 +384,10 @@ def test_maskrcnn_is_planned_for_2d_configurations_only(dataset, tmp_path) -> No
     path = make_dataset(tmp_path / "data", num_cases=4, shape=(20, 22, 12))
     written = plan_dataset(path, out=tmp_path / "plans.json", architecture="maskrcnn", workers=1)
     assert list(written["configurations"]) == ["2d"]
+    # a detector from random weights diverges at the U-Nets' AdamW 3e-3: its plans train at 3e-4
+    assert written["training"]["learning_rate"] == 3e-4
+    default = plan_dataset(path, out=tmp_path / "unet.json", workers=1)
+    assert default["training"]["learning_rate"] == 3e-3
 
 
 def test_maskrcnn_train_checkpoint_predict(dataset, tmp_path, one_torch_thread) -> None:

@@ -22,6 +22,7 @@ from medseg.io.files import read_json, write_json
 from medseg.planning.architectures import (
     ARCHITECTURE_NAMES,
     DEFAULT_ARCHITECTURE,
+    TRAINING_OVERRIDES,
     TWO_D_ONLY,
     apply_architecture,
     configuration_architecture,
@@ -226,6 +227,7 @@ def plan_dataset(
     }
     if not plans["configurations"]:
         raise MedsegUserError(f"{manifest_path}: no 2D configuration was planned, which {architecture} needs")
+    plans["training"].update(TRAINING_OVERRIDES.get(architecture.lower(), {}))
     out = Path(out)
     write_json(fingerprint, out.with_name("fingerprint.json"))
     write_json(plans, out)
