@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PER_CASE_COLUMNS",
+    "resampled_onto",
     "EXTRA_COLUMNS",
     "METRIC_COLUMNS",
     "EvaluationSettings",
@@ -218,6 +219,22 @@ def _index_map(volume: Volume, labels: LabelSet) -> np.ndarray:
     return lookup[array.T].T if array.flags.f_contiguous else lookup[array]  # keep the memory order
 
 
+def resampled_onto(reference: Volume, prediction: Volume, *, tolerance_mm: float) -> Volume:
+    """``prediction`` on ``reference``'s grid (nearest neighbour), itself when already there.
+
+    Raises:
+        GeometryMismatchError: a 2D prediction for a 3D reference or the reverse (both files named).
+    """
+    if reference.same_geometry(prediction, tolerance_mm=tolerance_mm):
+        return prediction
+    if prediction.spatial_ndim != reference.spatial_ndim:
+        raise GeometryMismatchError(
+            f"{prediction.meta.get('path', 'prediction')} vs {reference.meta.get('path', 'reference')}: "
+            f"cannot resample a {prediction.spatial_ndim}D prediction onto a {reference.spatial_ndim}D reference"
+        )
+    return resample_to(prediction, reference)
+
+
 def evaluate_pair(
     reference: Volume,
     prediction: Volume,
@@ -253,13 +270,8 @@ def evaluate_pair(
     from medseg.metrics.surface import surface_metrics, surface_metrics_multi
 
     labels = settings.labels
-    if settings.resample_prediction and not reference.same_geometry(prediction, tolerance_mm=settings.tolerance_mm):
-        if prediction.spatial_ndim != reference.spatial_ndim:
-            raise GeometryMismatchError(
-                f"{prediction.meta.get('path', 'prediction')} vs {reference.meta.get('path', 'reference')}: "
-                f"cannot resample a {prediction.spatial_ndim}D prediction onto a {reference.spatial_ndim}D reference"
-            )
-        prediction = resample_to(prediction, reference)
+    if settings.resample_prediction:
+        prediction = resampled_onto(reference, prediction, tolerance_mm=settings.tolerance_mm)
     differences = reference.geometry_differences(prediction, tolerance_mm=settings.tolerance_mm)
     if differences:
         raise GeometryMismatchError(

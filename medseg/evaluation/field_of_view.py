@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from medseg.core.resample import resample_to
 from medseg.core.volume import Volume
 from medseg.errors import InvalidFileError
+from medseg.evaluation.case import resampled_onto
 from medseg.io.volumes import check_same_grid, read_volume
 
 __all__ = ["FOV_KEY", "read_field_of_view", "outside_to_zero", "restrict_to_field_of_view"]
@@ -63,15 +63,12 @@ def restrict_to_field_of_view(
     """A rater's or the prediction's labels inside the reference's field of view.
 
     With ``resample`` (the evaluation's ``resample_prediction``) a prediction on another grid is
-    first resampled onto the reference's (nearest neighbour), as the pair's scoring would. A volume
-    still on another grid is returned as it is: the pair's grid check then names both files.
+    first resampled onto the reference's (:func:`~medseg.evaluation.case.resampled_onto`, as the
+    pair's scoring does). A volume still on another grid is returned as it is: the pair's grid check
+    then names both files.
     """
-    if (
-        resample
-        and volume.spatial_ndim == reference.spatial_ndim
-        and not reference.same_geometry(volume, tolerance_mm=tolerance_mm)
-    ):
-        volume = resample_to(volume, reference)
+    if resample:
+        volume = resampled_onto(reference, volume, tolerance_mm=tolerance_mm)
     if not reference.same_geometry(volume, tolerance_mm=tolerance_mm):
         return volume
     return outside_to_zero(volume, inside)
