@@ -113,6 +113,7 @@ def test_time_limit_ends_training_cleanly(dataset, tmp_path) -> None:
     )
     assert result["epochs"] >= 1
     assert result["elapsed_s"] < 0.1 * 60 + 5
+    assert 0.0 < result["validation_reserve_s"] < 0.1 * 60  # the final validation's share of the budget
     rows = list(csv.DictReader(open(tmp_path / "timed" / "history.csv")))
     rates = [float(r["learning_rate"]) for r in rows]
     # poly schedule compressed into the budget

@@ -140,3 +140,42 @@ def test_batched_and_one_by_one_flips_agree(monkeypatch):
     monkeypatch.setattr(windows, "TTA_BATCH_VOXELS", 3 * 2 * 12 * 10 * 8)  # groups of three flips
     grouped = sliding_window_logits(net, image, plans_config=cfg, num_classes=2, mirror=True, sw_batch_size=2)
     assert torch.allclose(together, one_by_one, atol=1e-5) and torch.allclose(grouped, one_by_one, atol=1e-5)
+
+
+class CountingNet(nn.Module):
+    """A network that counts the images (windows; for 2D, windows x slices) it is shown."""
+
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        self.conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(1, 2, kernel_size=1)
+        self.images = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += int(x.shape[0])
+        return self.conv(x)
+
+
+def test_validation_estimate_of_a_2d_configuration_runs_a_few_slices_not_the_case_twice():
+    """The budget's reserve for the final validation is measured on the middle slices of the first
+    case (plus one warm-up slice), not by predicting the whole case twice (a detector: minutes)."""
+    from medseg.training.validation import estimate_validation_seconds
+
+    net = CountingNet()
+    image = torch.zeros((1, 32, 32, 100))  # 100 slices along axis 2, one window each
+    cache = [{"image": image}, {"image": image}, {"image": image}]
+    cfg = plans_config((32, 32), dims=2, slice_axis=2) | {"batch_size": 4}
+    estimate = estimate_validation_seconds(
+        net, cache, cfg=cfg, device=torch.device("cpu"), amp_dtype=None, num_classes=2, timed_slices=16
+    )
+    assert net.images == 1 + 16
+    assert estimate > 0.0
+
+
+def test_validation_estimate_of_a_3d_configuration_times_the_whole_first_case_once():
+    from medseg.training.validation import estimate_validation_seconds
+
+    net = CountingNet(dims=3)
+    cache = [{"image": torch.zeros((1, 16, 16, 48))}]  # 5 windows of 16^3 at overlap 0.5 along the last axis
+    cfg = plans_config((16, 16, 16)) | {"batch_size": 1}
+    estimate_validation_seconds(net, cache, cfg=cfg, device=torch.device("cpu"), amp_dtype=None, num_classes=2)
+    assert net.images == 1 + 5

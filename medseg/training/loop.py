@@ -351,6 +351,7 @@ def train_fold(
     )
     last_val: dict[str, float] = {}
     val_seconds = 0.0
+    reserve_s = 0.0  # of the wall-clock budget, kept for the final validation
     if time_limit_s and len(val_cache) and main:
         # reserve the final validation inside the budget
         val_seconds = estimate_validation_seconds(
@@ -361,6 +362,7 @@ def train_fold(
             amp_dtype=amp_dtype,
             num_classes=manifest.labels.num_classes,
         )
+        reserve_s = val_seconds
         if iteration == 0 and elapsed() + val_seconds >= time_limit_s:
             raise MedsegUserError(
                 f"--time-limit-min {time_limit_min:g} leaves no time to train: the final validation of "
@@ -484,6 +486,7 @@ def train_fold(
         "wall_s": round(time.monotonic() - start_clock, 1),
         "best_dice": best_dice,
         "best_epoch": best_epoch,
+        "validation_reserve_s": round(reserve_s, 3),
         "final_dice": last_val,
         "cached_cases": train_cache.cached_cases,
         "cache_bytes": train_cache.cached_bytes,
