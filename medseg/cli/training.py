@@ -157,7 +157,7 @@ def train(
         typer.echo(
             f"fold {run['fold']}: {run['epochs']} epochs, {run['elapsed_s']:.0f} s; validation Dice: {dice}; {run['out_dir']}"
         )
-        if time_limit_min and run.get("validation_reserve_s", 0.0) > 30.0 * time_limit_min:
+        if time_limit_min and run["validation_reserve_s"] > 30.0 * time_limit_min:
             typer.echo(
                 f"note: fold {run['fold']}'s final validation needed {run['validation_reserve_s'] / 60:.1f} of the "
                 f"{time_limit_min:g} min budget, more than half; give more time for more training",

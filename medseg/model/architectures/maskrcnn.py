@@ -263,16 +263,15 @@ def build_maskrcnn_segmenter(
 ) -> MaskRCNNSegmenter:
     """The :class:`MaskRCNNSegmenter` a plans ``network`` section describes (see
     :func:`medseg.planning.architectures.resnet_network_section`)."""
-    detector = build_maskrcnn(
-        in_channels=in_channels,
-        num_classes=out_channels,
-        patch_size=patch_size,
-        backbone=str(network.get("backbone", "resnet18")),
-        anchor_sizes=tuple(int(a) for a in network.get("anchor_sizes", (8, 16, 32, 64, 128))),
-        detections_per_image=int(network.get("detections_per_image", 100)),
-        proposals_per_image=int(network.get("proposals_per_image", 500)),
-        rois_per_image=int(network.get("rois_per_image", 128)),
-    )
+    options: dict[str, Any] = {}  # what the section leaves out keeps build_maskrcnn's default
+    if "backbone" in network:
+        options["backbone"] = str(network["backbone"])
+    if "anchor_sizes" in network:
+        options["anchor_sizes"] = tuple(int(a) for a in network["anchor_sizes"])
+    for key in ("detections_per_image", "proposals_per_image", "rois_per_image"):
+        if key in network:
+            options[key] = int(network[key])
+    detector = build_maskrcnn(in_channels=in_channels, num_classes=out_channels, patch_size=patch_size, **options)
     checkpoint = network.get("backbone_checkpoint")
     if backbone_weights and checkpoint:
         from medseg.model.architectures.encoders import load_backbone_checkpoint
